@@ -37,7 +37,13 @@ async def start_ops_server(
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    assert server is not None
-    bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, int(bound)
+    return runner, bound_port(site)
+
+
+def bound_port(site: web.TCPSite) -> int:
+    """The port a started site listens on (the real one when asked for port 0)."""
+    # asyncio's and uvloop's servers both have `sockets`; the ABC does not say so.
+    sockets = getattr(site._server, "sockets", None)
+    if not sockets:
+        raise RuntimeError("site is not listening")
+    return int(sockets[0].getsockname()[1])

@@ -20,8 +20,8 @@ def proto_files() -> list[Path]:
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc; return the generated files (relative to ``out_dir``)."""
-    from grpc_tools import protoc  # a dev dependency: imported only when generating
     import grpc_tools
+    from grpc_tools import protoc  # a dev dependency: imported only when generating
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     pkg = out_dir / "waddle_pb"

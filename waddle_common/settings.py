@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(30.0, gt=0)
     max_frame_bytes: int = Field(16384, ge=1024)
     join_timeout_seconds: float = Field(5.0, gt=0)
+    send_buffer_bytes: int = Field(1 << 20, ge=4096)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
 
     # --- channel service ----------------------------------------------------
@@ -49,6 +50,8 @@ class Settings(BaseSettings):
     recent_messages: int = Field(50, ge=0, le=500)
     store_address: str = "127.0.0.1:50061"
     store_timeout_seconds: float = Field(5.0, gt=0)
+    publish_timeout_seconds: float = Field(10.0, gt=0)
+    rejoin_grace_seconds: float = Field(5.0, ge=0)
 
     # --- store service ------------------------------------------------------
     store_host: str = "127.0.0.1"

@@ -401,6 +401,7 @@ class Deliver(_message.Message):
     EXCLUDE_USER_ID_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_NS_FIELD_NUMBER: _builtins.int
     EPHEMERAL_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
     channel_id: _builtins.str
     payload: _builtins.bytes
     """the complete client frame (UTF-8 JSON)"""
@@ -413,6 +414,8 @@ class Deliver(_message.Message):
     """Ephemeral frames (typing, presence) may be dropped for a slow consumer;
     sequenced messages never are.
     """
+    type: _builtins.str
+    """the frame's "type", for metrics"""
     def __init__(
         self,
         *,
@@ -422,10 +425,11 @@ class Deliver(_message.Message):
         exclude_user_id: _builtins.str = ...,
         received_at_ns: _builtins.int = ...,
         ephemeral: _builtins.bool = ...,
+        type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "ephemeral", b"ephemeral", "exclude_user_id", b"exclude_user_id", "payload", b"payload", "received_at_ns", b"received_at_ns", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "ephemeral", b"ephemeral", "exclude_user_id", b"exclude_user_id", "payload", b"payload", "received_at_ns", b"received_at_ns", "seq", b"seq", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

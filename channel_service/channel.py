@@ -1,0 +1,405 @@
+"""One channel's live state, owned by exactly one shard: membership, presence,
+typing, the sequence head and the recent-message window.
+
+Contract:
+* Membership is per connection (edge id, connection id); presence is per
+  user. A user's first connection broadcasts ``user_connected``, the last one
+  to leave ``user_disconnected``; re-registrations (``rejoin``) are silent.
+* ``typing`` is relayed to every member but the typist and never stored.
+* A publish is only *queued* here; the hub's committer persists it and then
+  calls ``committed``, which broadcasts in sequence order and acks the
+  sender. Nothing is broadcast before it is durable.
+The class does no I/O: everything it says goes through an ``Emitter``.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from waddle_common import wire
+from waddle_pb import channel_pb2, store_pb2
+
+ConnKey = tuple[str, int]  # (edge id, connection id within that edge)
+
+
+class Emitter(Protocol):
+    """Where a channel's output goes (implemented by the hub)."""
+
+    def broadcast(
+        self,
+        channel: Channel,
+        payload: bytes,
+        *,
+        frame_type: str,
+        seq: int = 0,
+        exclude_user_id: str = "",
+        received_at_ns: int = 0,
+        ephemeral: bool = False,
+    ) -> None: ...
+
+    def reply(
+        self,
+        edge_id: str,
+        conn_id: int,
+        channel_id: str,
+        payload: bytes,
+        *,
+        client_msg_id: str = "",
+        final: bool = False,
+    ) -> None: ...
+
+    def join_result(self, edge_id: str, result: channel_pb2.JoinResult) -> None: ...
+
+
+@dataclass(slots=True)
+class Conn:
+    edge_id: str
+    conn_id: int
+    user_id: str
+    username: str
+    avatar_url: str
+    can_write: bool
+    joined_at_ms: int
+    status: str
+    session: int  # the Attach stream generation that registered it
+
+
+@dataclass(slots=True)
+class OnlineUser:
+    user_id: str
+    username: str
+    joined_at_ms: int
+    status: str
+    conns: int = 0
+
+
+@dataclass(slots=True)
+class PendingPublish:
+    edge_id: str
+    conn_id: int
+    client_msg_id: str
+    client_supplied_id: bool
+    received_at_ns: int
+    deadline: float  # time.monotonic() after which the sender is told to retry
+    message: store_pb2.NewMessage
+
+
+@dataclass(slots=True)
+class Channel:
+    channel_id: str
+    last_seq: int
+    max_connections: int
+    recent_limit: int
+    recent: collections.deque[dict[str, Any]] = field(default_factory=collections.deque)
+    conns: dict[ConnKey, Conn] = field(default_factory=dict)
+    users: dict[str, OnlineUser] = field(default_factory=dict)
+    edges: collections.Counter[str] = field(default_factory=collections.Counter)
+    typing: set[str] = field(default_factory=set)
+    pending: list[PendingPublish] = field(default_factory=list)
+    committing: bool = False
+
+    @classmethod
+    def from_state(
+        cls, state: store_pb2.ChannelState, *, default_max: int, recent_limit: int
+    ) -> Channel:
+        from waddle_common.store_client import stored_to_body
+
+        return cls(
+            channel_id=state.channel_id,
+            last_seq=state.last_seq,
+            max_connections=state.settings.max_connections or default_max,
+            recent_limit=recent_limit,
+            recent=collections.deque(
+                (stored_to_body(m) for m in state.recent), maxlen=max(recent_limit, 1)
+            ),
+        )
+
+    # -- membership ---------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return not self.conns and not self.pending and not self.committing
+
+    def online_users(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "userId": u.user_id,
+                "username": u.username,
+                "joinedAt": u.joined_at_ms,
+                "status": u.status,
+            }
+            for u in self.users.values()
+        ]
+
+    def join(self, conn: Conn, *, rejoin: bool, emit: Emitter) -> None:
+        key = (conn.edge_id, conn.conn_id)
+        existing = self.conns.get(key)
+        if existing is None and not rejoin and len(self.conns) >= self.max_connections:
+            emit.join_result(
+                conn.edge_id,
+                channel_pb2.JoinResult(
+                    conn_id=conn.conn_id,
+                    channel_id=self.channel_id,
+                    ok=False,
+                    refusal="channel_full",
+                ),
+            )
+            return
+        if existing is not None:
+            # Same connection registered again (stream re-opened): refresh it.
+            existing.session = conn.session
+            existing.status = conn.status
+            self._set_user_status(existing.user_id, conn.status)
+        else:
+            self.conns[key] = conn
+            self.edges[conn.edge_id] += 1
+            user = self.users.get(conn.user_id)
+            if user is None:
+                self.users[conn.user_id] = OnlineUser(
+                    conn.user_id, conn.username, conn.joined_at_ms, conn.status, conns=1
+                )
+                if not rejoin:
+                    emit.broadcast(
+                        self,
+                        wire.user_connected_frame(user_id=conn.user_id, username=conn.username),
+                        frame_type="user_connected",
+                        exclude_user_id=conn.user_id,
+                        ephemeral=True,
+                    )
+            else:
+                user.conns += 1
+                if rejoin:
+                    user.status = conn.status
+        initial = b""
+        if not rejoin:
+            initial = wire.initial_state_frame(
+                channel_id=self.channel_id,
+                messages=self.recent,
+                online_users=self.online_users(),
+                last_seq=self.last_seq,
+            )
+        emit.join_result(
+            conn.edge_id,
+            channel_pb2.JoinResult(
+                conn_id=conn.conn_id,
+                channel_id=self.channel_id,
+                ok=True,
+                initial_state=initial,
+                last_seq=self.last_seq,
+            ),
+        )
+
+    def _set_user_status(self, user_id: str, status: str) -> None:
+        user = self.users.get(user_id)
+        if user is not None and status:
+            user.status = status
+
+    def leave(self, edge_id: str, conn_id: int, emit: Emitter) -> None:
+        conn = self.conns.pop((edge_id, conn_id), None)
+        if conn is None:
+            return
+        self.edges[edge_id] -= 1
+        if self.edges[edge_id] <= 0:
+            del self.edges[edge_id]
+        user = self.users.get(conn.user_id)
+        if user is None:
+            return
+        user.conns -= 1
+        if user.conns > 0:
+            return
+        del self.users[conn.user_id]
+        if conn.user_id in self.typing:
+            self.typing.discard(conn.user_id)
+            emit.broadcast(
+                self,
+                wire.typing_frame(user_id=conn.user_id, username=conn.username, is_typing=False),
+                frame_type="typing",
+                exclude_user_id=conn.user_id,
+                ephemeral=True,
+            )
+        emit.broadcast(
+            self,
+            wire.user_disconnected_frame(user_id=conn.user_id, username=conn.username),
+            frame_type="user_disconnected",
+            exclude_user_id=conn.user_id,
+            ephemeral=True,
+        )
+
+    def drop_session(self, edge_id: str, keep_session: int | None, emit: Emitter) -> int:
+        """Remove ``edge_id``'s connections not re-registered by session ``keep_session``."""
+        stale = [
+            c.conn_id
+            for c in self.conns.values()
+            if c.edge_id == edge_id and c.session != keep_session
+        ]
+        for conn_id in stale:
+            self.leave(edge_id, conn_id, emit)
+        return len(stale)
+
+    # -- ephemeral ----------------------------------------------------------
+
+    def set_typing(self, edge_id: str, conn_id: int, is_typing: bool, emit: Emitter) -> None:
+        conn = self.conns.get((edge_id, conn_id))
+        if conn is None:
+            return
+        if is_typing:
+            self.typing.add(conn.user_id)
+        else:
+            self.typing.discard(conn.user_id)
+        emit.broadcast(
+            self,
+            wire.typing_frame(user_id=conn.user_id, username=conn.username, is_typing=is_typing),
+            frame_type="typing",
+            exclude_user_id=conn.user_id,
+            ephemeral=True,
+        )
+
+    def set_presence(self, edge_id: str, conn_id: int, status: str, emit: Emitter) -> None:
+        conn = self.conns.get((edge_id, conn_id))
+        if conn is None or status not in wire.PRESENCE_STATUSES:
+            return
+        conn.status = status
+        user = self.users.get(conn.user_id)
+        if user is None or user.status == status:
+            return
+        user.status = status
+        emit.broadcast(
+            self,
+            wire.presence_frame(user_id=conn.user_id, username=conn.username, status=status),
+            frame_type="presence",
+            exclude_user_id=conn.user_id,
+            ephemeral=True,
+        )
+
+    # -- messages -----------------------------------------------------------
+
+    def publish(
+        self,
+        edge_id: str,
+        pub: channel_pb2.Publish,
+        *,
+        max_length: int,
+        deadline: float,
+        emit: Emitter,
+    ) -> PendingPublish | None:
+        """Validate and queue a publish; refusals are answered here."""
+        conn = self.conns.get((edge_id, pub.conn_id))
+        kind: wire.ErrorKind | None = None
+        if conn is None:
+            kind = wire.NOT_JOINED
+        elif not conn.can_write:
+            kind = wire.NO_WRITE_PERMISSION
+        elif not pub.content.strip():
+            kind = wire.EMPTY_MESSAGE
+        elif len(pub.content) > max_length:
+            kind = wire.MESSAGE_TOO_LONG
+        if kind is not None or conn is None:
+            emit.reply(
+                edge_id,
+                pub.conn_id,
+                self.channel_id,
+                wire.error_frame(
+                    kind or wire.NOT_JOINED,
+                    clientMsgId=pub.client_msg_id if pub.client_supplied_id else None,
+                ),
+                client_msg_id=pub.client_msg_id,
+                final=True,
+            )
+            return None
+        pending = PendingPublish(
+            edge_id=edge_id,
+            conn_id=pub.conn_id,
+            client_msg_id=pub.client_msg_id,
+            client_supplied_id=pub.client_supplied_id,
+            received_at_ns=pub.received_at_ns or time.time_ns(),
+            deadline=deadline,
+            message=store_pb2.NewMessage(
+                id=str(uuid.uuid4()),
+                user_id=conn.user_id,
+                username=conn.username,
+                avatar_url=conn.avatar_url,
+                content=pub.content,
+                thread_id=pub.thread_id,
+                timestamp_ms=time.time_ns() // 1_000_000,
+                client_msg_id=pub.client_msg_id or str(uuid.uuid4()),
+            ),
+        )
+        self.pending.append(pending)
+        return pending
+
+    def take_pending(self) -> list[PendingPublish]:
+        batch, self.pending = self.pending, []
+        return batch
+
+    def committed(
+        self,
+        pendings: Sequence[PendingPublish],
+        results: Iterable[store_pb2.AppendResult],
+        last_seq: int,
+        emit: Emitter,
+    ) -> None:
+        """Broadcast what the store made durable (in seq order) and ack the senders."""
+        for pending, result in zip(pendings, results, strict=True):
+            msg = pending.message
+            body = wire.message_body(
+                id=result.id,
+                seq=result.seq,
+                channel_id=self.channel_id,
+                user_id=msg.user_id,
+                username=msg.username,
+                avatar_url=msg.avatar_url,
+                content=msg.content,
+                timestamp_ms=result.timestamp_ms,
+                thread_id=msg.thread_id,
+            )
+            self.broadcast_stored(body, received_at_ns=pending.received_at_ns, emit=emit)
+            emit.reply(
+                pending.edge_id,
+                pending.conn_id,
+                self.channel_id,
+                wire.ack_frame(
+                    client_msg_id=pending.client_msg_id if pending.client_supplied_id else None,
+                    id=result.id,
+                    seq=result.seq,
+                    timestamp_ms=result.timestamp_ms,
+                ),
+                client_msg_id=pending.client_msg_id,
+                final=True,
+            )
+        self.last_seq = max(self.last_seq, last_seq)
+
+    def broadcast_stored(self, body: dict[str, Any], *, received_at_ns: int, emit: Emitter) -> None:
+        """Broadcast one durable message. A duplicate (seq already known) is sent
+        again too: edges drop what a connection already has, and a retry after a
+        crash may be the only copy some connections ever get."""
+        seq = int(body["seq"])
+        if seq > self.last_seq:
+            self.last_seq = seq
+            if self.recent_limit:
+                self.recent.append(body)
+        emit.broadcast(
+            self,
+            wire.message_frame(body),
+            frame_type="message",
+            seq=seq,
+            received_at_ns=received_at_ns,
+        )
+
+    def fail_pending(self, pendings: Iterable[PendingPublish], emit: Emitter) -> None:
+        for pending in pendings:
+            emit.reply(
+                pending.edge_id,
+                pending.conn_id,
+                self.channel_id,
+                wire.error_frame(
+                    wire.UNAVAILABLE,
+                    clientMsgId=pending.client_msg_id if pending.client_supplied_id else None,
+                ),
+                client_msg_id=pending.client_msg_id,
+                final=True,
+            )

@@ -1,0 +1,131 @@
+"""gRPC front of the channel service: the Attach servicer and ``serve()``.
+
+The servicer is thin: it reads an edge's batches into the hub and streams
+the hub's output back. Wiring (store client, metrics, health, signals) is in
+``serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from channel_service.hub import Hub, HubConfig
+from channel_service.metrics import ChannelMetrics
+from waddle_common import logs
+from waddle_common.grpc_util import ClientMetricsInterceptor, channel_options, server_options
+from waddle_common.ops_http import start_ops_server
+from waddle_common.settings import Settings
+from waddle_common.store_client import StoreClient
+from waddle_pb import channel_pb2, channel_pb2_grpc
+
+log = logging.getLogger("channel")
+
+SERVICE_NAME = "waddle.channel.v1.ChannelService"
+
+
+class ChannelServicer(channel_pb2_grpc.ChannelServiceServicer):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def Attach(
+        self,
+        request_iterator: AsyncIterator[channel_pb2.EdgeBatch],
+        context: grpc.aio.ServicerContext[channel_pb2.EdgeBatch, channel_pb2.ShardBatch],
+    ) -> AsyncIterator[channel_pb2.ShardBatch]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.events or first.events[0].WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first event must be hello")
+            return
+        edge_id = first.events[0].hello.edge_id
+        if not edge_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello needs an edge_id")
+            return
+        session = self.hub.open_session(edge_id)
+
+        async def read() -> None:
+            try:
+                for event in first.events[1:]:
+                    self.hub.handle(session, event)
+                async for batch in request_iterator:
+                    for event in batch.events:
+                        self.hub.handle(session, event)
+            finally:
+                session.close()
+
+        reader = asyncio.create_task(read(), name=f"attach-read:{edge_id}")
+        try:
+            async for batch in session.batches():
+                yield batch
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self.hub.close_session(session)
+
+
+async def serve(settings: Settings) -> None:
+    metrics = ChannelMetrics()
+    store = StoreClient(
+        settings.store_address,
+        timeout=settings.store_timeout_seconds,
+        options=channel_options(),
+        interceptors=[ClientMetricsInterceptor(metrics.registry)],
+    )
+    hub = Hub(
+        HubConfig(
+            default_max_connections=settings.channel_max_connections,
+            max_message_length=settings.max_message_length,
+            recent_limit=settings.recent_messages,
+            publish_timeout=settings.publish_timeout_seconds,
+            rejoin_grace=settings.rejoin_grace_seconds,
+        ),
+        store,
+        metrics,
+    )
+    hub.start()
+    server = grpc.aio.server(options=server_options())
+    channel_pb2_grpc.add_ChannelServiceServicer_to_server(ChannelServicer(hub), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{settings.channel_host}:{settings.channel_port}")
+    await server.start()
+    serving = True
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    ops, metrics_port = await start_ops_server(
+        metrics.registry, settings.channel_host, settings.channel_metrics_port, lambda: serving
+    )
+    logs.announce_ready("channel", grpc_port=port, metrics_port=metrics_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    serving = False
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await hub.stop()
+    await server.stop(settings.shutdown_grace_seconds)
+    await ops.cleanup()
+    await store.close()
+
+
+def main() -> None:
+    settings = Settings()
+    logs.setup("channel", settings.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    asyncio.run(serve(settings))

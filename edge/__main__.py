@@ -1,0 +1,5 @@
+"""``python -m edge``: run one edge."""
+
+from edge.server import main
+
+main()

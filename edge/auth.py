@@ -1,0 +1,133 @@
+"""Who is connecting: bearer-token extraction and JWT verification.
+
+Tokens arrive as ``Authorization: Bearer <jwt>`` or, from browsers, as the
+WebSocket subprotocol ``bearer.<jwt>`` beside ``waddle.v1``. Tokens are
+never logged and never echoed back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+SUBPROTOCOL = "waddle.v1"
+_BEARER_PROTOCOL_PREFIX = "bearer."
+KNOWN_PERMISSIONS = frozenset({"read", "write"})
+
+
+class AuthError(Exception):
+    """The request carries no acceptable token. ``str()`` is safe to log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user_id: str
+    username: str
+    permissions: frozenset[str]
+    avatar_url: str
+    channels: frozenset[str] | None  # None: any channel
+    expires_at: float
+
+    def may_join(self, channel_id: str) -> bool:
+        return "read" in self.permissions and (self.channels is None or channel_id in self.channels)
+
+
+def extract_token(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    for proto in _split_protocols(headers.get("Sec-WebSocket-Protocol", "")):
+        if proto.startswith(_BEARER_PROTOCOL_PREFIX) and len(proto) > len(_BEARER_PROTOCOL_PREFIX):
+            return proto[len(_BEARER_PROTOCOL_PREFIX) :]
+    return None
+
+
+def _split_protocols(header: str) -> Iterable[str]:
+    return (p.strip() for p in header.split(",") if p.strip())
+
+
+class TokenVerifier:
+    """Verifies HS256 tokens signed with the shared secret."""
+
+    def __init__(self, secret: str, *, algorithms: Sequence[str] = ("HS256",), leeway: float = 5.0):
+        if not secret:
+            raise ValueError("WADDLE_JWT_SECRET is not set: the edge cannot verify tokens")
+        self._secret = secret
+        self._algorithms = list(algorithms)
+        self._leeway = leeway
+
+    def verify(self, token: str) -> Identity:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._secret,
+                algorithms=self._algorithms,
+                leeway=self._leeway,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token ({type(exc).__name__})") from None
+        return identity_from_claims(claims)
+
+
+def identity_from_claims(claims: Mapping[str, Any]) -> Identity:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > 128:
+        raise AuthError("invalid token (sub)")
+    username = claims.get("username", sub)
+    if not isinstance(username, str) or not username.strip() or len(username) > 64:
+        raise AuthError("invalid token (username)")
+    perms = claims.get("permissions", [])
+    if not isinstance(perms, list) or not all(isinstance(p, str) for p in perms):
+        raise AuthError("invalid token (permissions)")
+    avatar = claims.get("avatar_url") or ""
+    if not isinstance(avatar, str) or len(avatar) > 2048:
+        raise AuthError("invalid token (avatar_url)")
+    channels = claims.get("channels")
+    if channels is not None and (
+        not isinstance(channels, list) or not all(isinstance(c, str) for c in channels)
+    ):
+        raise AuthError("invalid token (channels)")
+    return Identity(
+        user_id=sub,
+        username=username.strip(),
+        permissions=frozenset(perms) & KNOWN_PERMISSIONS,
+        avatar_url=avatar,
+        channels=frozenset(channels) if channels is not None else None,
+        expires_at=float(claims["exp"]),
+    )
+
+
+def dev_user_id(username: str) -> str:
+    """A stable user id for a display name (development tokens only)."""
+    return "dev-" + hashlib.sha256(username.strip().lower().encode()).hexdigest()[:16]
+
+
+def mint_token(
+    secret: str,
+    *,
+    user_id: str,
+    username: str,
+    permissions: Sequence[str] = ("read", "write"),
+    ttl_seconds: float = 3600,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[str, int]:
+    """Sign an HS256 token; return it and its expiry in epoch milliseconds."""
+    exp = int(time.time() + ttl_seconds)
+    claims: dict[str, Any] = {
+        "sub": user_id,
+        "username": username,
+        "permissions": list(permissions),
+        "exp": exp,
+        "iat": int(time.time()),
+        **(extra or {}),
+    }
+    return jwt.encode(claims, secret, algorithm="HS256"), exp * 1000

@@ -1,0 +1,223 @@
+"""Local client connections and the fan-out hot path.
+
+A ``Connection`` is the edge's attachment for one WebSocket: who the user
+is, which channel, and the delivery cursor that gives a client every
+sequence number exactly once and in order. ``LocalChannels`` indexes the
+connections of this edge by channel and turns one ``Deliver`` from a shard
+into one pre-built frame written to every local socket.
+
+Delivery rule for sequenced messages (``seq > 0``) on one connection:
+``seq <= cursor`` is a duplicate and dropped; ``seq == cursor + 1`` is
+written; a larger seq means something was missed, so the frame is held and
+the gap is filled from the store first. While the connection is joining or
+replaying, sequenced frames are held back and released in order afterwards.
+
+Writes go straight to the socket's transport, whose buffer is the bounded
+outgoing queue: when it is over ``send_buffer_bytes`` an ephemeral frame
+(typing, presence) is dropped and a chat message closes the socket with
+1013, so one slow phone never delays the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from edge.auth import Identity
+from edge.metrics import EdgeMetrics
+from edge.wsframe import text_frame
+from waddle_common import wire
+from waddle_pb import channel_pb2
+
+log = logging.getLogger("edge.connection")
+
+
+class State(enum.Enum):
+    JOINING = "joining"  # waiting for the owner's JoinResult / the upgrade
+    LIVE = "live"
+    SYNCING = "syncing"  # replaying from the store; live messages held back
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    send_buffer_bytes: int = 1 << 20
+    max_held: int = 10_000
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    id: int
+    channel_id: str
+    identity: Identity
+    joined_at_ms: int
+    status: str = "online"
+    state: State = State.JOINING
+    ws: web.WebSocketResponse | None = None
+    transport: asyncio.Transport | None = None
+    cursor: int = 0  # highest seq delivered; (floor, cursor] all went out
+    floor: int = 0
+    held: list[tuple[int, bytes]] = field(default_factory=list)
+    sync_task: asyncio.Task[None] | None = None
+
+    def write(self, frame: bytes, metrics: EdgeMetrics, limits: Limits, *, ephemeral: bool) -> bool:
+        """Write one pre-built frame; apply the slow-consumer policy."""
+        transport = self.transport
+        if transport is None or self.state is State.CLOSED or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > limits.send_buffer_bytes:
+            if ephemeral:
+                return False
+            metrics.slow_consumer_closes.inc()
+            log.info(
+                "slow consumer closed",
+                extra={"channel_id": self.channel_id, "user_id": self.identity.user_id},
+            )
+            self.close(wire.CLOSE_TRY_AGAIN, "slow consumer")
+            return False
+        transport.write(frame)
+        return True
+
+    def send(self, payload: bytes, metrics: EdgeMetrics, limits: Limits, frame_type: str) -> None:
+        """A frame for this connection alone (ack, error, pong, replay)."""
+        if self.write(text_frame(payload), metrics, limits, ephemeral=False):
+            metrics.frames_out_for(frame_type).inc()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        ws = self.ws
+        if ws is not None and not ws.closed:
+            task = asyncio.ensure_future(_close_ws(ws, code, reason))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[None]] = set()
+
+
+async def _close_ws(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await ws.close(code=code, message=reason.encode())
+
+
+class LocalChannels:
+    """This edge's connections, by channel and by id, and the fan-out."""
+
+    def __init__(self, metrics: EdgeMetrics, limits: Limits) -> None:
+        self.metrics = metrics
+        self.limits = limits
+        self.by_channel: dict[str, dict[int, Connection]] = {}
+        self.by_id: dict[int, Connection] = {}
+        self.on_gap: Callable[[Connection], None] = lambda conn: None
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def add(self, conn: Connection) -> None:
+        self.by_id[conn.id] = conn
+        self.by_channel.setdefault(conn.channel_id, {})[conn.id] = conn
+
+    def remove(self, conn: Connection) -> None:
+        self.by_id.pop(conn.id, None)
+        members = self.by_channel.get(conn.channel_id)
+        if members is not None:
+            members.pop(conn.id, None)
+            if not members:
+                del self.by_channel[conn.channel_id]
+
+    # -- from the shard -----------------------------------------------------
+
+    def deliver(self, d: channel_pb2.Deliver) -> None:
+        members = self.by_channel.get(d.channel_id)
+        if not members:
+            return
+        frame = text_frame(d.payload)
+        seq = d.seq
+        exclude = d.exclude_user_id
+        metrics, limits = self.metrics, self.limits
+        written = 0
+        if seq == 0:
+            dropped = 0
+            for conn in members.values():
+                if exclude and conn.identity.user_id == exclude:
+                    continue
+                if conn.state is State.LIVE or conn.state is State.SYNCING:
+                    if conn.write(frame, metrics, limits, ephemeral=d.ephemeral):
+                        written += 1
+                    else:
+                        dropped += 1
+            if dropped:
+                metrics.dropped_frames.labels(d.type or "ephemeral").inc(dropped)
+        else:
+            for conn in list(members.values()):
+                if exclude and conn.identity.user_id == exclude:
+                    continue
+                if conn.state is not State.LIVE:
+                    self.hold(conn, seq, d.payload)
+                elif seq == conn.cursor + 1:
+                    if conn.write(frame, metrics, limits, ephemeral=False):
+                        written += 1
+                    conn.cursor = seq
+                elif seq > conn.cursor:
+                    self.hold(conn, seq, d.payload)
+                    conn.state = State.SYNCING
+                    self.on_gap(conn)
+            if d.received_at_ns and written:
+                metrics.fanout_latency.observe(max(0, time.time_ns() - d.received_at_ns) / 1e9)
+        if written:
+            metrics.frames_out_for(d.type or "message").inc(written)
+
+    def hold(self, conn: Connection, seq: int, payload: bytes) -> None:
+        if conn.state is State.CLOSED:
+            return
+        if len(conn.held) >= self.limits.max_held:
+            self.metrics.slow_consumer_closes.inc()
+            conn.close(wire.CLOSE_TRY_AGAIN, "too far behind")
+            return
+        conn.held.append((seq, payload))
+
+    def release_held(self, conn: Connection) -> bool:
+        """Write held frames that continue the cursor; return False on a gap."""
+        if not conn.held:
+            return True
+        conn.held.sort(key=lambda item: item[0])
+        rest: list[tuple[int, bytes]] = []
+        for i, (seq, payload) in enumerate(conn.held):
+            if seq <= conn.cursor:
+                continue
+            if seq != conn.cursor + 1:
+                rest = conn.held[i:]
+                break
+            conn.send(payload, self.metrics, self.limits, "message")
+            conn.cursor = seq
+        conn.held = rest
+        return not rest
+
+    def activate(self, conn: Connection) -> None:
+        """The socket is open and `initial_state` went out: go live."""
+        if conn.state is State.CLOSED:
+            return
+        conn.state = State.LIVE
+        if not self.release_held(conn):
+            conn.state = State.SYNCING
+            self.on_gap(conn)
+
+    def rejoined(self, conn: Connection, last_seq: int) -> None:
+        """The owner re-registered ``conn`` after a stream break; catch up if it moved on."""
+        if conn.state is State.LIVE and last_seq > conn.cursor:
+            conn.state = State.SYNCING
+            self.on_gap(conn)
+
+    def reply(self, r: channel_pb2.Reply, frame_type: str) -> None:
+        conn = self.by_id.get(r.conn_id)
+        if conn is not None:
+            conn.send(r.payload, self.metrics, self.limits, frame_type)

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one edge process (a per-instance registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+
+class EdgeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("waddle_edge_connections", "Open client WebSockets", registry=r)
+        self.connects = Counter(
+            "waddle_edge_connects_total", "WebSocket connections accepted", registry=r
+        )
+        self.refusals = Counter(
+            "waddle_edge_refusals_total",
+            "Connection attempts refused before the upgrade, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.frames_in = Counter(
+            "waddle_edge_frames_in_total", "Client frames received, by type", ["type"], registry=r
+        )
+        self.frames_out = Counter(
+            "waddle_edge_frames_out_total",
+            "Frames written to clients, by type",
+            ["type"],
+            registry=r,
+        )
+        self.fanout_latency = Histogram(
+            "waddle_edge_fanout_latency_seconds",
+            "Publish received at an edge -> frame written to this edge's sockets",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.slow_consumer_closes = Counter(
+            "waddle_edge_slow_consumer_closes_total",
+            "Sockets closed with 1013 because their send buffer was full",
+            registry=r,
+        )
+        self.dropped_frames = Counter(
+            "waddle_edge_dropped_frames_total",
+            "Ephemeral frames dropped for a slow consumer, by type",
+            ["type"],
+            registry=r,
+        )
+        self.replayed = Counter(
+            "waddle_edge_replayed_messages_total",
+            "Messages replayed from the store (client sync and gap fill)",
+            registry=r,
+        )
+        self.shard_streams = Gauge(
+            "waddle_edge_shard_streams",
+            "Attach streams currently open to channel shards",
+            registry=r,
+        )
+        self._out: dict[str, Counter] = {}
+
+    def frames_out_for(self, frame_type: str) -> Counter:
+        child = self._out.get(frame_type)
+        if child is None:
+            child = self._out[frame_type] = self.frames_out.labels(frame_type)
+        return child

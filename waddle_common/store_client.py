@@ -1,0 +1,110 @@
+"""The store service as its callers see it: a typed async client with deadlines.
+
+Used by the channel owner (load, append) and by the edge (replay). Every
+call has a deadline; every transport failure becomes ``StoreUnavailable`` so
+callers can answer "retry later" without knowing gRPC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from waddle_common import wire
+from waddle_pb import store_pb2, store_pb2_grpc
+
+# Codes after which the same request may succeed later.
+_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+class StoreUnavailable(Exception):
+    """The store could not answer now; the request may be retried."""
+
+
+class UnknownMessageId(Exception):
+    """``after_message_id`` names no message of that channel."""
+
+
+def stored_to_body(m: store_pb2.StoredMessage) -> dict[str, Any]:
+    return wire.message_body(
+        id=m.id,
+        seq=m.seq,
+        channel_id=m.channel_id,
+        user_id=m.user_id,
+        username=m.username,
+        avatar_url=m.avatar_url,
+        content=m.content,
+        timestamp_ms=m.timestamp_ms,
+        thread_id=m.thread_id,
+    )
+
+
+class StoreClient:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float,
+        options: list[tuple[str, Any]] | None = None,
+        interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(
+            address, options=options or [], interceptors=interceptors
+        )
+        self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _RETRYABLE:
+                raise StoreUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+            raise
+
+    async def load_channel(self, channel_id: str, recent_limit: int) -> store_pb2.ChannelState:
+        req = store_pb2.LoadChannelRequest(channel_id=channel_id, recent_limit=recent_limit)
+        result: store_pb2.ChannelState = await self._call(self._stub.LoadChannel, req)
+        return result
+
+    async def append_batch(
+        self, req: store_pb2.AppendBatchRequest
+    ) -> store_pb2.AppendBatchResponse:
+        result: store_pb2.AppendBatchResponse = await self._call(self._stub.AppendBatch, req)
+        return result
+
+    async def messages_after(
+        self,
+        channel_id: str,
+        *,
+        after_seq: int | None = None,
+        after_message_id: str | None = None,
+        limit: int = 500,
+    ) -> store_pb2.MessagePage:
+        req = store_pb2.MessagesAfterRequest(channel_id=channel_id, limit=limit)
+        if after_message_id is not None:
+            req.after_message_id = after_message_id
+        else:
+            req.after_seq = after_seq or 0
+        try:
+            result: store_pb2.MessagePage = await self._call(self._stub.MessagesAfter, req)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise UnknownMessageId(exc.details() or "") from exc
+            raise
+        return result

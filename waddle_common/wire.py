@@ -1,0 +1,164 @@
+"""Server-to-client frames of the v1 protocol and the table of client-visible errors.
+
+The channel owner encodes every frame exactly once (``orjson``) and ships the
+bytes to the edges, which write them unchanged to each socket; the edge
+encodes only the frames it answers itself (``pong``, its own ``error``\\s,
+replay). Keeping encoders and the error table here means both sides speak
+one vocabulary. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    code: str
+    message: str
+    retryable: bool = False
+
+
+# Every error a client can receive in an `error` frame. The first three keep
+# the seed protocol's words; clients match on `code`, people read `message`.
+INVALID_FORMAT = ErrorKind("invalid_format", "Invalid message format")
+UNKNOWN_TYPE = ErrorKind("unknown_type", "Unknown message type")
+NO_WRITE_PERMISSION = ErrorKind("no_write_permission", "No write permission")
+INVALID_FIELD = ErrorKind("invalid_field", "Invalid field")
+MESSAGE_TOO_LONG = ErrorKind("message_too_long", "Message too long")
+EMPTY_MESSAGE = ErrorKind("empty_message", "Message is empty")
+BINARY_UNSUPPORTED = ErrorKind("binary_unsupported", "Binary frames are not supported")
+UNKNOWN_MESSAGE_ID = ErrorKind("unknown_message_id", "Unknown message id")
+SYNC_IN_PROGRESS = ErrorKind("sync_in_progress", "Sync already in progress")
+NOT_JOINED = ErrorKind("not_joined", "Not joined to this channel")
+UNAVAILABLE = ErrorKind("unavailable", "Channel temporarily unavailable", retryable=True)
+
+ERRORS: tuple[ErrorKind, ...] = (
+    INVALID_FORMAT,
+    UNKNOWN_TYPE,
+    NO_WRITE_PERMISSION,
+    INVALID_FIELD,
+    MESSAGE_TOO_LONG,
+    EMPTY_MESSAGE,
+    BINARY_UNSUPPORTED,
+    UNKNOWN_MESSAGE_ID,
+    SYNC_IN_PROGRESS,
+    NOT_JOINED,
+    UNAVAILABLE,
+)
+ERRORS_BY_CODE: Mapping[str, ErrorKind] = {e.code: e for e in ERRORS}
+
+PRESENCE_STATUSES: frozenset[str] = frozenset({"online", "away", "dnd"})
+
+# WebSocket close codes the server uses (RFC 6455 section 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_RESTART = 1012
+CLOSE_TRY_AGAIN = 1013
+
+
+def _dumps(obj: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(obj)
+
+
+def error_frame(kind: ErrorKind, detail: str | None = None, **extra: Any) -> bytes:
+    body: dict[str, Any] = {
+        "type": "error",
+        "message": f"{kind.message}: {detail}" if detail else kind.message,
+        "code": kind.code,
+    }
+    if kind.retryable:
+        body["retryable"] = True
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return _dumps(body)
+
+
+def message_body(
+    *,
+    id: str,
+    seq: int,
+    channel_id: str,
+    user_id: str,
+    username: str,
+    avatar_url: str,
+    content: str,
+    timestamp_ms: int,
+    thread_id: str,
+) -> dict[str, Any]:
+    """The `message` object as clients see it, live, replayed or in `initial_state`."""
+    return {
+        "id": id,
+        "seq": seq,
+        "channelId": channel_id,
+        "userId": user_id,
+        "username": username,
+        "avatarUrl": avatar_url or None,
+        "content": content,
+        "timestamp": timestamp_ms,
+        "threadId": thread_id or None,
+    }
+
+
+def message_frame(body: Mapping[str, Any]) -> bytes:
+    return _dumps({"type": "message", "message": body})
+
+
+def ack_frame(*, client_msg_id: str | None, id: str, seq: int, timestamp_ms: int) -> bytes:
+    return _dumps(
+        {
+            "type": "ack",
+            "clientMsgId": client_msg_id,
+            "id": id,
+            "seq": seq,
+            "timestamp": timestamp_ms,
+        }
+    )
+
+
+def typing_frame(*, user_id: str, username: str, is_typing: bool) -> bytes:
+    return _dumps(
+        {"type": "typing", "userId": user_id, "username": username, "isTyping": is_typing}
+    )
+
+
+def presence_frame(*, user_id: str, username: str, status: str) -> bytes:
+    return _dumps({"type": "presence", "userId": user_id, "username": username, "status": status})
+
+
+def user_connected_frame(*, user_id: str, username: str) -> bytes:
+    return _dumps({"type": "user_connected", "userId": user_id, "username": username})
+
+
+def user_disconnected_frame(*, user_id: str, username: str) -> bytes:
+    return _dumps({"type": "user_disconnected", "userId": user_id, "username": username})
+
+
+def initial_state_frame(
+    *,
+    channel_id: str,
+    messages: Iterable[Mapping[str, Any]],
+    online_users: Iterable[Mapping[str, Any]],
+    last_seq: int,
+) -> bytes:
+    return _dumps(
+        {
+            "type": "initial_state",
+            "channelId": channel_id,
+            "messages": list(messages),
+            "onlineUsers": list(online_users),
+            "lastSeq": last_seq,
+        }
+    )
+
+
+def sync_complete_frame(*, last_seq: int, count: int) -> bytes:
+    return _dumps({"type": "sync_complete", "lastSeq": last_seq, "count": count})
+
+
+PONG_FRAME: bytes = _dumps({"type": "pong"})
