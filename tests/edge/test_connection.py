@@ -1,0 +1,141 @@
+"""The edge's delivery rule, per connection: exactly once, in order, held
+back while joining or syncing, gaps detected, slow consumers handled."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edge.auth import Identity
+from edge.connection import Connection, Limits, LocalChannels, State
+from edge.metrics import EdgeMetrics
+from edge.wsframe import text_frame
+from waddle_pb import channel_pb2
+
+
+class MemoryTransport(asyncio.Transport):
+    """Collects written bytes; its buffer size is set by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.chunks.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def ident(user: str) -> Identity:
+    return Identity(user, user, frozenset({"read", "write"}), "", None, 0.0)
+
+
+def live_conn(
+    local: LocalChannels, cid: int, user: str, cursor: int = 0
+) -> tuple[Connection, MemoryTransport]:
+    conn = Connection(id=cid, channel_id="c", identity=ident(user), joined_at_ms=0)
+    transport = MemoryTransport()
+    conn.transport = transport
+    conn.cursor = conn.floor = cursor
+    local.add(conn)
+    local.activate(conn)
+    return conn, transport
+
+
+def deliver(
+    seq: int, *, exclude: str = "", ephemeral: bool = False, kind: str = "message"
+) -> channel_pb2.Deliver:
+    return channel_pb2.Deliver(
+        channel_id="c",
+        payload=f'{{"seq":{seq}}}'.encode(),
+        seq=seq,
+        exclude_user_id=exclude,
+        ephemeral=ephemeral,
+        type=kind,
+    )
+
+
+@pytest.fixture
+def local() -> LocalChannels:
+    return LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=100, max_held=5))
+
+
+def test_in_order_exactly_once(local: LocalChannels) -> None:
+    conn, t = live_conn(local, 1, "a")
+    for seq in (1, 2, 2, 1, 3):
+        local.deliver(deliver(seq))
+    assert t.chunks == [text_frame(f'{{"seq":{s}}}'.encode()) for s in (1, 2, 3)]
+    assert conn.cursor == 3
+
+
+def test_one_frame_built_for_all_sockets(local: LocalChannels) -> None:
+    conns = [live_conn(local, i, f"u{i}") for i in range(3)]
+    local.deliver(deliver(1))
+    frames = [t.chunks[0] for _, t in conns]
+    assert frames[0] is frames[1] is frames[2]
+
+
+def test_gap_holds_and_asks_for_fill(local: LocalChannels) -> None:
+    gaps: list[int] = []
+    local.on_gap = lambda c: gaps.append(c.id)
+    conn, t = live_conn(local, 1, "a")
+    local.deliver(deliver(1))
+    local.deliver(deliver(3))
+    assert gaps == [1] and conn.state is State.SYNCING
+    assert conn.held == [(3, b'{"seq":3}')]
+    local.deliver(deliver(4))  # held while syncing, no second request
+    assert gaps == [1] and len(conn.held) == 2
+    conn.cursor = 2  # as if the replay had written seq 2
+    assert local.release_held(conn)
+    assert conn.cursor == 4
+    assert t.chunks[1:] == [text_frame(b"{\"seq\":3}"), text_frame(b"{\"seq\":4}")]
+
+
+def test_joining_connection_holds_then_drops_what_initial_state_covered(
+    local: LocalChannels,
+) -> None:
+    conn = Connection(id=1, channel_id="c", identity=ident("a"), joined_at_ms=0)
+    local.add(conn)
+    local.deliver(deliver(5))
+    local.deliver(deliver(6))
+    local.deliver(deliver(0, ephemeral=True, kind="typing"))  # ephemeral: not held
+    assert [s for s, _ in conn.held] == [5, 6]
+    conn.transport = t = MemoryTransport()
+    conn.cursor = conn.floor = 5  # JoinResult said last_seq 5
+    local.activate(conn)
+    assert conn.state is State.LIVE and conn.cursor == 6 and len(t.chunks) == 1
+
+
+def test_exclude_user_and_ephemeral(local: LocalChannels) -> None:
+    _, ta = live_conn(local, 1, "a")
+    _, tb = live_conn(local, 2, "b")
+    local.deliver(deliver(0, exclude="a", ephemeral=True, kind="typing"))
+    assert ta.chunks == [] and len(tb.chunks) == 1
+
+
+def test_slow_consumer_drops_ephemeral_and_closes_on_message(local: LocalChannels) -> None:
+    slow, ts = live_conn(local, 1, "slow")
+    _, tf = live_conn(local, 2, "fast")
+    ts.buffered = 1000  # over the 100-byte limit
+    local.deliver(deliver(0, ephemeral=True, kind="typing"))
+    assert slow.state is State.LIVE and ts.chunks == []
+    assert local.metrics.dropped_frames.labels("typing")._value.get() == 1
+    local.deliver(deliver(1))
+    assert slow.state is State.CLOSED
+    assert local.metrics.slow_consumer_closes._value.get() == 1
+    assert len(tf.chunks) == 2, "the fast member got both frames"
+
+
+def test_too_many_held_frames_close_the_connection(local: LocalChannels) -> None:
+    conn = Connection(id=1, channel_id="c", identity=ident("a"), joined_at_ms=0)
+    local.add(conn)
+    for seq in range(1, 8):
+        local.deliver(deliver(seq))
+    assert conn.state is State.CLOSED and len(conn.held) == 5
