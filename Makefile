@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+NODE_STAMP := node_modules/.installed
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NODE_STAMP)
+
 # Regenerate the gRPC/protobuf Python code (committed; tests fail on drift).
 protos: $(STAMP)
 	$(PY) -m waddle_common.protogen
@@ -31,8 +36,8 @@ migrate: $(STAMP)
 run: $(STAMP) protos migrate
 	WADDLE_DEV_MODE=1 $(PY) -m waddle_common.devrun
 
-test: $(STAMP) protos
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: $(STAMP) $(NODE_STAMP) protos
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -95,6 +95,7 @@ class Channel:
     last_seq: int
     max_connections: int
     recent_limit: int
+    max_user_connections: int = 10
     recent: collections.deque[dict[str, Any]] = field(default_factory=collections.deque)
     conns: dict[ConnKey, Conn] = field(default_factory=dict)
     users: dict[str, OnlineUser] = field(default_factory=dict)
@@ -105,7 +106,12 @@ class Channel:
 
     @classmethod
     def from_state(
-        cls, state: store_pb2.ChannelState, *, default_max: int, recent_limit: int
+        cls,
+        state: store_pb2.ChannelState,
+        *,
+        default_max: int,
+        recent_limit: int,
+        max_user_connections: int = 10,
     ) -> Channel:
         from waddle_common.store_client import stored_to_body
 
@@ -114,6 +120,7 @@ class Channel:
             last_seq=state.last_seq,
             max_connections=state.settings.max_connections or default_max,
             recent_limit=recent_limit,
+            max_user_connections=max_user_connections,
             recent=collections.deque(
                 (stored_to_body(m) for m in state.recent), maxlen=max(recent_limit, 1)
             ),
@@ -139,14 +146,18 @@ class Channel:
     def join(self, conn: Conn, *, rejoin: bool, emit: Emitter) -> None:
         key = (conn.edge_id, conn.conn_id)
         existing = self.conns.get(key)
-        if existing is None and not rejoin and len(self.conns) >= self.max_connections:
+        refusal = ""
+        if existing is None and not rejoin:
+            user = self.users.get(conn.user_id)
+            if len(self.conns) >= self.max_connections:
+                refusal = "channel_full"
+            elif user is not None and user.conns >= self.max_user_connections:
+                refusal = "user_limit"
+        if refusal:
             emit.join_result(
                 conn.edge_id,
                 channel_pb2.JoinResult(
-                    conn_id=conn.conn_id,
-                    channel_id=self.channel_id,
-                    ok=False,
-                    refusal="channel_full",
+                    conn_id=conn.conn_id, channel_id=self.channel_id, ok=False, refusal=refusal
                 ),
             )
             return

@@ -40,6 +40,7 @@ class HubConfig:
     default_max_connections: int
     max_message_length: int
     recent_limit: int
+    max_user_connections: int = 10
     publish_timeout: float = 10.0
     rejoin_grace: float = 5.0
     retry_initial: float = 0.05
@@ -352,6 +353,7 @@ class Hub:
                 state,
                 default_max=self.config.default_max_connections,
                 recent_limit=self.config.recent_limit,
+                max_user_connections=self.config.max_user_connections,
             )
             self.channels[channel_id] = channel
             for session, event in self._loading.pop(channel_id).backlog:

@@ -83,6 +83,7 @@ async def serve(settings: Settings) -> None:
             default_max_connections=settings.channel_max_connections,
             max_message_length=settings.max_message_length,
             recent_limit=settings.recent_messages,
+            max_user_connections=settings.user_max_connections,
             publish_timeout=settings.publish_timeout_seconds,
             rejoin_grace=settings.rejoin_grace_seconds,
         ),

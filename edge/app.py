@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,9 +27,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from edge import protocol
 from edge.auth import SUBPROTOCOL, AuthError, TokenVerifier, dev_user_id, extract_token, mint_token
 from edge.connection import Connection, Limits, LocalChannels, State
+from edge.expiry import ExpiryWatch
+from edge.limits import ConnectionBudget, RateConfig
 from edge.metrics import EdgeMetrics
 from edge.replay import Replayer
-from edge.shards import ShardRouter
+from edge.shards import ShardLink, ShardRouter
 from waddle_common import wire
 from waddle_common.grpc_util import ClientMetricsInterceptor, channel_options
 from waddle_common.settings import Settings
@@ -53,6 +57,8 @@ class EdgeRuntime:
     router: ShardRouter
     store: StoreClient
     replayer: Replayer
+    rates: RateConfig
+    expiry: ExpiryWatch
     draining: bool = False
     conn_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -82,16 +88,34 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = EdgeRuntime(
         settings=settings,
         metrics=metrics,
-        verifier=TokenVerifier(settings.jwt_secret, algorithms=settings.jwt_algorithms),
+        verifier=TokenVerifier(
+            settings.jwt_secret,
+            algorithms=settings.jwt_algorithms,
+            jwks_url=settings.jwt_jwks_url,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway=settings.jwt_leeway_seconds,
+        ),
         local=local,
         router=router,
         store=store,
         replayer=Replayer(store, local, metrics),
+        rates=RateConfig(
+            message_rate=settings.message_rate,
+            message_burst=settings.message_burst,
+            typing_rate=settings.typing_rate,
+            typing_burst=settings.typing_burst,
+            frame_rate=settings.frame_rate,
+            frame_burst=settings.frame_burst,
+            abuse_burst=settings.abuse_burst,
+        ),
+        expiry=ExpiryWatch(metrics, live=lambda: len(local)),
     )
     metrics.connections.set_function(lambda: len(local))
     app[RUNTIME] = runtime
     yield
     await drain(runtime, 0)
+    await runtime.expiry.stop()
     await runtime.replayer.stop()
     await router.close()
     await store.close()
@@ -131,11 +155,15 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return _refuse(runtime, 400, "Invalid channel id", "bad_channel")
     if runtime.draining:
         return _refuse(runtime, 503, "Server restarting", "draining", retry=True)
+    if not origin_allowed(request, settings.allowed_origins):
+        return _refuse(runtime, 403, "Origin not allowed", "origin")
+    if len(runtime.local) >= settings.edge_max_connections:
+        return _refuse(runtime, 503, "Edge at capacity", "edge_full", retry=True)
     token = extract_token(request.headers)
     if token is None:
         return _refuse(runtime, 401, "Unauthorized", "unauthorized")
     try:
-        identity = runtime.verifier.verify(token)
+        identity = await runtime.verifier.verify(token)
     except AuthError as exc:
         log.info("token refused", extra={"reason": str(exc), "channel_id": channel_id})
         return _refuse(runtime, 401, "Unauthorized", "unauthorized")
@@ -167,6 +195,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         forget()
         if result.refusal == "channel_full":
             return _refuse(runtime, 503, "Channel full", "channel_full", retry=True)
+        if result.refusal == "user_limit":
+            return _refuse(runtime, 429, "Too many connections", "user_limit", retry=True)
         return _refuse(runtime, 503, "Channel unavailable", "unavailable", retry=True)
     conn.cursor = conn.floor = result.last_seq
 
@@ -189,11 +219,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         "connected",
         extra={"channel_id": channel_id, "user_id": identity.user_id, "conn_id": conn.id},
     )
+    runtime.expiry.watch(conn)
     try:
         conn.send(result.initial_state, runtime.metrics, runtime.local.limits, "initial_state")
         runtime.local.activate(conn)
         await _serve(runtime, conn, ws, link)
     finally:
+        if conn.close_code is not None and not ws.closed:
+            # Closed by policy from inside the handler: send that code, not 1000.
+            with contextlib.suppress(Exception):
+                await ws.close(code=conn.close_code, message=conn.close_reason.encode())
         conn.state = State.CLOSED
         link.leave(conn)
         runtime.local.remove(conn)
@@ -212,26 +247,62 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(
-    runtime: EdgeRuntime, conn: Connection, ws: web.WebSocketResponse, link: object
+    runtime: EdgeRuntime, conn: Connection, ws: web.WebSocketResponse, link: ShardLink
 ) -> None:
-    from edge.shards import ShardLink
-
-    assert isinstance(link, ShardLink)
     metrics, limits = runtime.metrics, runtime.local.limits
     max_len = runtime.settings.max_message_length
+    clock = asyncio.get_running_loop().time
+    budget = ConnectionBudget.create(runtime.rates, clock())
+
+    def refuse(payload: bytes) -> bool:
+        """Send an error; return False once the connection must be closed for abuse."""
+        conn.send(payload, metrics, limits, "error")
+        if budget.strike(clock()):
+            metrics.refusals.labels("abuse").inc()
+            log.info(
+                "closing abusive connection",
+                extra={"channel_id": conn.channel_id, "user_id": conn.identity.user_id},
+            )
+            conn.close(wire.CLOSE_POLICY, "too many refused frames")
+            return False
+        return True
+
+    def rate_limited(wait: float, client_msg_id: str | None = None) -> bool:
+        metrics.frames_in.labels("rate_limited").inc()
+        return refuse(
+            wire.error_frame(
+                wire.RATE_LIMITED,
+                retryAfterMs=max(1, math.ceil(wait * 1000)),
+                clientMsgId=client_msg_id,
+            )
+        )
+
     async for msg in ws:
+        if conn.state is State.CLOSED:
+            break
         if msg.type is WSMsgType.TEXT:
+            wait = budget.frames.take(clock())
+            if wait:
+                if not rate_limited(wait):
+                    break
+                continue
             try:
                 frame = protocol.parse_client_frame(msg.data, max_message_length=max_len)
             except protocol.ProtocolError as exc:
                 metrics.frames_in.labels("invalid").inc()
-                conn.send(exc.frame(), metrics, limits, "error")
+                if not refuse(exc.frame()):
+                    break
                 continue
             metrics.frames_in.labels(protocol.frame_type(frame)).inc()
             match frame:
                 case protocol.Ping():
                     conn.send(wire.PONG_FRAME, metrics, limits, "pong")
                 case protocol.SendMessage(content=content, thread_id=thread_id, client_msg_id=cmid):
+                    wait = budget.messages.take(clock())
+                    if wait:
+                        if not rate_limited(wait, cmid):
+                            break
+                        continue
                     link.publish(
                         conn,
                         channel_pb2.Publish(
@@ -245,6 +316,11 @@ async def _serve(
                         ),
                     )
                 case protocol.SetTyping(is_typing=is_typing):
+                    wait = budget.typing.take(clock())
+                    if wait:
+                        if not rate_limited(wait):
+                            break
+                        continue
                     link.typing(conn, is_typing)
                 case protocol.SetPresence(status=status):
                     conn.status = status
@@ -253,9 +329,25 @@ async def _serve(
                     runtime.replayer.client_sync(conn, frame)
         elif msg.type is WSMsgType.BINARY:
             metrics.frames_in.labels("binary").inc()
-            conn.send(wire.error_frame(wire.BINARY_UNSUPPORTED), metrics, limits, "error")
+            if not refuse(wire.error_frame(wire.BINARY_UNSUPPORTED)):
+                break
         elif msg.type is WSMsgType.ERROR:
             break
+
+
+def origin_allowed(request: web.Request, allowed: Sequence[str]) -> bool:
+    """Cross-site WebSocket hijacking guard for browsers.
+
+    Requests without an ``Origin`` header do not come from a browser page and
+    are judged by their token alone. With no allow-list, a browser page must
+    be served from the edge's own host; ``*`` allows any page."""
+    origin = request.headers.get("Origin")
+    if origin is None or "*" in allowed:
+        return True
+    if allowed:
+        return origin in allowed
+    parsed = urlsplit(origin)
+    return parsed.netloc.lower() == request.host.lower()
 
 
 async def index(_request: web.Request) -> web.FileResponse:

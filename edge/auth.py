@@ -7,6 +7,7 @@ never logged and never echoed back.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,23 +54,68 @@ def _split_protocols(header: str) -> Iterable[str]:
 
 
 class TokenVerifier:
-    """Verifies HS256 tokens signed with the shared secret."""
+    """Verifies client JWTs.
 
-    def __init__(self, secret: str, *, algorithms: Sequence[str] = ("HS256",), leeway: float = 5.0):
-        if not secret:
-            raise ValueError("WADDLE_JWT_SECRET is not set: the edge cannot verify tokens")
+    Algorithms are pinned by configuration: HMAC ones (``HS*``) are checked
+    against the shared secret, asymmetric ones (``RS*``, ``ES*``, ``PS*``)
+    against the key the JWKS document names (``kid``). A token whose header
+    names any other algorithm - ``none`` included - is refused before its
+    signature is looked at, which also rules out algorithm confusion (an
+    HS256 token "signed" with an RSA public key).
+    """
+
+    def __init__(
+        self,
+        secret: str,
+        *,
+        algorithms: Sequence[str] = ("HS256",),
+        jwks_url: str = "",
+        audience: str = "",
+        issuer: str = "",
+        leeway: float = 5.0,
+    ) -> None:
+        self._hmac = [a for a in algorithms if a.startswith("HS")]
+        self._asym = [a for a in algorithms if not a.startswith("HS")]
+        if self._hmac and not secret:
+            raise ValueError("WADDLE_JWT_SECRET is not set: the edge cannot verify HS tokens")
+        if self._asym and not jwks_url:
+            raise ValueError("WADDLE_JWT_JWKS_URL is needed for RS/ES/PS algorithms")
         self._secret = secret
-        self._algorithms = list(algorithms)
+        self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300) if jwks_url else None
+        self._audience = audience or None
+        self._issuer = issuer or None
         self._leeway = leeway
 
-    def verify(self, token: str) -> Identity:
+    async def verify(self, token: str) -> Identity:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise AuthError("invalid token (header)") from None
+        alg = header.get("alg")
+        key: Any
+        if alg in self._hmac:
+            key, algorithms = self._secret, self._hmac
+        elif alg in self._asym and self._jwks is not None:
+            try:
+                # PyJWKClient fetches over blocking HTTP (cached afterwards).
+                signing = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+            except jwt.PyJWKClientError as exc:
+                raise AuthError(f"invalid token (key: {type(exc).__name__})") from None
+            key, algorithms = signing.key, self._asym
+        else:
+            raise AuthError("invalid token (algorithm not allowed)")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._secret,
-                algorithms=self._algorithms,
+                key,
+                algorithms=algorithms,
                 leeway=self._leeway,
-                options={"require": ["exp", "sub"]},
+                audience=self._audience,
+                issuer=self._issuer,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": self._audience is not None,
+                },
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None

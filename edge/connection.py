@@ -66,6 +66,8 @@ class Connection:
     floor: int = 0
     held: list[tuple[int, bytes]] = field(default_factory=list)
     sync_task: asyncio.Task[None] | None = None
+    close_code: int | None = None
+    close_reason: str = ""
 
     def write(self, frame: bytes, metrics: EdgeMetrics, limits: Limits, *, ephemeral: bool) -> bool:
         """Write one pre-built frame; apply the slow-consumer policy."""
@@ -94,6 +96,7 @@ class Connection:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self.close_code, self.close_reason = code, reason
         ws = self.ws
         if ws is not None and not ws.closed:
             task = asyncio.ensure_future(_close_ws(ws, code, reason))

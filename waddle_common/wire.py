@@ -36,6 +36,7 @@ UNKNOWN_MESSAGE_ID = ErrorKind("unknown_message_id", "Unknown message id")
 SYNC_IN_PROGRESS = ErrorKind("sync_in_progress", "Sync already in progress")
 NOT_JOINED = ErrorKind("not_joined", "Not joined to this channel")
 UNAVAILABLE = ErrorKind("unavailable", "Channel temporarily unavailable", retryable=True)
+RATE_LIMITED = ErrorKind("rate_limited", "Rate limited", retryable=True)
 
 ERRORS: tuple[ErrorKind, ...] = (
     INVALID_FORMAT,
@@ -49,6 +50,7 @@ ERRORS: tuple[ErrorKind, ...] = (
     SYNC_IN_PROGRESS,
     NOT_JOINED,
     UNAVAILABLE,
+    RATE_LIMITED,
 )
 ERRORS_BY_CODE: Mapping[str, ErrorKind] = {e.code: e for e in ERRORS}
 
@@ -61,6 +63,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
+# Application range (4000-4999): the token expired while connected. Clients
+# fetch a fresh token and reconnect.
+CLOSE_TOKEN_EXPIRED = 4001
 
 
 def _dumps(obj: Mapping[str, Any]) -> bytes:

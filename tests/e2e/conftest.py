@@ -16,6 +16,15 @@ from tests.support.postgres import postgres_schema
 from tests.support.stack import Stack, start_stack
 
 
+# These tests publish in bursts; the rate limits have their own tests.
+GENEROUS_LIMITS = {
+    "WADDLE_MESSAGE_RATE": "5000",
+    "WADDLE_MESSAGE_BURST": "5000",
+    "WADDLE_FRAME_RATE": "5000",
+    "WADDLE_FRAME_BURST": "5000",
+}
+
+
 @contextlib.asynccontextmanager
 async def database(kind: str) -> AsyncIterator[str | None]:
     if kind == "postgres":
@@ -32,7 +41,7 @@ async def stack(
     tmp: Path = tmp_path_factory.mktemp(f"stack-{request.param}")
     async with (
         database(request.param) as url,
-        start_stack(tmp, database_url=url, dev_mode=True) as s,
+        start_stack(tmp, database_url=url, dev_mode=True, env=GENEROUS_LIMITS) as s,
     ):
         yield s
 
