@@ -74,7 +74,7 @@ function el(tag, className, text) {
 /** Stable colour class for a user. @param {string} key */
 function hueClass(key) {
   let h = 0;
-  for (const ch of key) h = (h * 31 + ch.codePointAt(0)) >>> 0;
+  for (const ch of key) h = (h * 31 + (ch.codePointAt(0) ?? 0)) >>> 0;
   return `hue-${h % 8}`;
 }
 
@@ -411,11 +411,19 @@ function startSession({ channelId, me, token }) {
     }
   });
   client.on('error', (err) => {
-    if (err.clientMsgId) {
+    if (err.clientMsgId && !err.retryable) {
+      // Refused for good: the client dropped it from its outbox.
       s.pending.get(err.clientMsgId)?.remove();
       s.pending.delete(err.clientMsgId);
     }
-    showError(err.message, { sticky: err.code === 'policy_violation' });
+    if (err.retryable) {
+      showError(`${err.message}: retrying…`);
+    } else {
+      const fatal = err.code === 'policy_violation' || err.code === 'token_expired';
+      showError(fatal ? `${err.message}. Leave and join again to reconnect.` : err.message, {
+        sticky: fatal,
+      });
+    }
   });
 
   ui.channelTitle.textContent = `# ${channelId}`;
@@ -549,6 +557,14 @@ ui.presence.addEventListener('change', () => {
 });
 ui.leave.addEventListener('click', endSession);
 window.addEventListener('pagehide', () => session?.client.close());
+window.addEventListener('pageshow', (event) => {
+  // Restored from the back/forward cache: the socket was closed on pagehide.
+  if (event.persisted && session?.client.state === 'closed') session.client.connect();
+});
+// Back online: skip the rest of the backoff wait.
+window.addEventListener('online', () => {
+  if (session?.client.state === 'reconnecting') session.client.connect();
+});
 
 try {
   ui.name.value = localStorage.getItem('waddle.name') ?? '';

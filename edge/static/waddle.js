@@ -18,7 +18,12 @@
 //     reconnect (the server deduplicates them);
 //   * the connection is re-established with exponential backoff and full
 //     jitter after abnormal closes and after 1012/1013, never after
-//     `close()` or a 1008 policy close.
+//     `close()`, a 1000 normal close from the server or a 1008 policy close;
+//     after 4001 (token expired) only when `token` is a function that can
+//     supply a fresh token;
+//   * messages refused with a retryable error (`Rate limited`, `Channel
+//     temporarily unavailable`) stay pending and are resent after the
+//     server's `retryAfterMs`.
 
 /** Protocol version offered as WebSocket subprotocol. */
 export const PROTOCOL = 'waddle.v1';
@@ -36,6 +41,8 @@ export const CloseCode = Object.freeze({
   INTERNAL_ERROR: 1011,
   SERVICE_RESTART: 1012,
   TRY_AGAIN_LATER: 1013,
+  /** The token expired while connected: get a fresh one and reconnect. */
+  TOKEN_EXPIRED: 4001,
 });
 
 const OPEN = 1;
@@ -101,9 +108,12 @@ const OPEN = 1;
  * @typedef {object} WaddleError
  * @property {string} message        Human-readable text.
  * @property {string | number} [code] Server error code, or one of the local
- *   codes `policy_violation`, `bad_frame`, `history_reset`.
+ *   codes `policy_violation`, `token_expired`, `bad_frame`, `history_reset`,
+ *   `token`, `connect`.
  * @property {number} [closeCode]    Set when the error comes from a close.
  * @property {string} [clientMsgId]  Set when the server names the refused message.
+ * @property {boolean} [retryable]   The refused message stays pending and is resent.
+ * @property {number} [retryAfterMs] When the server asked for a pause.
  *
  * @typedef {object} StateChange
  * @property {ConnectionState} state
@@ -117,6 +127,8 @@ const OPEN = 1;
  * @property {string} clientMsgId
  * @property {string} content
  * @property {string | undefined} threadId
+ *
+ * @typedef {PendingMessage & {frame: string, sentOn: number}} OutboxEntry
  *
  * @typedef {{
  *   message: ChatMessage,
@@ -224,6 +236,11 @@ function normalizeMessage(message) {
 }
 
 /** @param {unknown} err */
+function describe(err) {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** @param {unknown} err */
 function report(err) {
   if (typeof globalThis.reportError === 'function') globalThis.reportError(err);
   else console.error(err);
@@ -271,14 +288,19 @@ export class WaddleClient {
     /** @private */ this._ws = null;
     /** @private */ this._connId = 0;
     /** @private */ this._everOpened = false;
-    /** @private */ this._stopped = true;
+    /** @private closed for good: by close(), 1000, 1008 or an expired static token */
+    this._stopped = false;
     /** @private */ this._attempt = 0;
     /** @private */ this._openedAt = 0;
     /** @private */ this._reconnectTimer = null;
     /** @private */ this._heartbeatTimer = null;
     /** @private */ this._syncTimer = null;
+    /** @private */ this._resendTimer = null;
+    /** @private @type {Set<string>} */
+    this._resendIds = new Set();
+    /** @private */ this._resendAll = false;
 
-    /** @private @type {Map<string, {clientMsgId: string, content: string, threadId: string | undefined, frame: string, sentOn: number}>} */
+    /** @private @type {Map<string, OutboxEntry>} unacknowledged messages, in send order */
     this._unacked = new Map();
     /** @private @type {PresenceStatus | null} */
     this._presence = null;
@@ -290,9 +312,8 @@ export class WaddleClient {
     this._held = new Map();
 
     if (options.autoConnect !== false) {
-      this._stopped = false;
       queueMicrotask(() => {
-        if (!this._stopped && this._ws === null && this._reconnectTimer === null) this.connect();
+        if (!this._stopped && this._state === 'closed') this.connect();
       });
     }
   }
@@ -439,7 +460,7 @@ export class WaddleClient {
       token = typeof this._token === 'function' ? await this._token() : this._token;
     } catch (err) {
       if (this._stopped || connId !== this._connId) return;
-      this._emit('error', { message: `Could not get a token: ${err?.message ?? err}`, code: 'token' });
+      this._emit('error', { message: `Could not get a token: ${describe(err)}`, code: 'token' });
       this._scheduleReconnect({ code: CloseCode.ABNORMAL, reason: 'token unavailable' });
       return;
     }
@@ -448,7 +469,7 @@ export class WaddleClient {
     try {
       ws = new this._WebSocket(this.url, [PROTOCOL, `bearer.${token}`]);
     } catch (err) {
-      this._emit('error', { message: `Could not open a WebSocket: ${err?.message ?? err}`, code: 'connect' });
+      this._emit('error', { message: `Could not open a WebSocket: ${describe(err)}`, code: 'connect' });
       this._scheduleReconnect({ code: CloseCode.ABNORMAL, reason: 'constructor failed' });
       return;
     }
@@ -523,14 +544,9 @@ export class WaddleClient {
       case 'ack':
         if (this._unacked.delete(frame.clientMsgId)) this._emit('ack', frame);
         break;
-      case 'error': {
-        if (typeof frame.clientMsgId === 'string') this._unacked.delete(frame.clientMsgId);
-        /** @type {WaddleError} */
-        const err = { message: String(frame.message ?? 'Error'), code: frame.code };
-        if (typeof frame.clientMsgId === 'string') err.clientMsgId = frame.clientMsgId;
-        this._emit('error', err);
+      case 'error':
+        this._onError(frame);
         break;
-      }
       case 'typing':
       case 'presence':
       case 'user_connected':
@@ -542,6 +558,52 @@ export class WaddleClient {
         // Unknown server frames are ignored (forward compatibility).
         break;
     }
+  }
+
+  /**
+   * A refused frame. Retryable refusals keep the message pending and resend
+   * it after the pause the server asked for; other refusals of a message
+   * drop it from the outbox (resending could never succeed).
+   * @private
+   */
+  _onError(frame) {
+    const id = typeof frame.clientMsgId === 'string' ? frame.clientMsgId : undefined;
+    const retryable = frame.retryable === true;
+    const retryAfterMs = Number.isFinite(frame.retryAfterMs) ? Math.max(0, frame.retryAfterMs) : undefined;
+    if (retryable) this._scheduleResend(id, retryAfterMs ?? this._baseDelayMs);
+    else if (id !== undefined) this._unacked.delete(id);
+    /** @type {WaddleError} */
+    const err = { message: String(frame.message ?? 'Error'), code: frame.code };
+    if (id !== undefined) err.clientMsgId = id;
+    if (retryable) err.retryable = true;
+    if (retryAfterMs !== undefined) err.retryAfterMs = retryAfterMs;
+    this._emit('error', err);
+  }
+
+  /**
+   * Resend one refused message (or, when the server did not say which, every
+   * pending one: the server deduplicates by clientMsgId) after `delayMs`.
+   * @private
+   * @param {string | undefined} clientMsgId
+   * @param {number} delayMs
+   */
+  _scheduleResend(clientMsgId, delayMs) {
+    if (clientMsgId === undefined) this._resendAll = true;
+    else this._resendIds.add(clientMsgId);
+    if (this._resendTimer !== null) return;
+    this._resendTimer = this._setTimeout(() => {
+      this._resendTimer = null;
+      const all = this._resendAll;
+      const ids = this._resendIds;
+      this._resendAll = false;
+      this._resendIds = new Set();
+      if (!this._isOpen()) return; // a reconnect resends everything anyway
+      for (const entry of this._unacked.values()) {
+        if (!all && !ids.has(entry.clientMsgId)) continue;
+        this._ws.send(entry.frame);
+        entry.sentOn = this._connId;
+      }
+    }, delayMs);
   }
 
   /** @private */
@@ -627,12 +689,21 @@ export class WaddleClient {
       this._setState('closed', { code, reason });
       return;
     }
-    if (code === CloseCode.POLICY_VIOLATION || code === CloseCode.NORMAL) {
+    const expired = code === CloseCode.TOKEN_EXPIRED;
+    if (expired && typeof this._token === 'function') {
+      // Reconnect: the token function is asked for a fresh token.
+    } else if (code === CloseCode.POLICY_VIOLATION || code === CloseCode.NORMAL || expired) {
       this._stopped = true;
       if (code === CloseCode.POLICY_VIOLATION) {
         this._emit('error', {
           message: reason || 'Closed by the server for a policy violation',
           code: 'policy_violation',
+          closeCode: code,
+        });
+      } else if (expired) {
+        this._emit('error', {
+          message: reason || 'Token expired',
+          code: 'token_expired',
           closeCode: code,
         });
       }
@@ -662,6 +733,12 @@ export class WaddleClient {
     this._connId += 1;
     this._clearSyncTimer();
     this._syncing = false;
+    if (this._resendTimer !== null) {
+      this._clearTimeout(this._resendTimer);
+      this._resendTimer = null;
+    }
+    this._resendAll = false;
+    this._resendIds.clear();
     if (this._heartbeatTimer !== null) {
       this._clearTimeout(this._heartbeatTimer);
       this._heartbeatTimer = null;
