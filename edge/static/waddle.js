@@ -164,7 +164,7 @@ const OPEN = 1;
  *   reconnect if nothing arrives within as long again; 0 disables.
  * @property {number} [syncTimeoutMs=10000]  Give up waiting for `sync_complete`
  *   after this long and deliver what is buffered.
- * @property {number} [maxFrameBytes=16384]  `send()` refuses larger frames (the
+ * @property {number} [maxFrameBytes=32768]  `send()` refuses larger frames (the
  *   server would close with 1009).
  * @property {boolean} [autoConnect=true]  Connect on the next microtask.
  */
@@ -279,7 +279,7 @@ export class WaddleClient {
     /** @private */ this._stableAfterMs = options.stableAfterMs ?? 10000;
     /** @private */ this._heartbeatMs = options.heartbeatMs ?? 25000;
     /** @private */ this._syncTimeoutMs = options.syncTimeoutMs ?? 10000;
-    /** @private */ this._maxFrameBytes = options.maxFrameBytes ?? 16384;
+    /** @private */ this._maxFrameBytes = options.maxFrameBytes ?? 32768;
 
     /** @private @type {Map<string, Set<Function>>} */
     this._listeners = new Map();
