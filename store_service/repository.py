@@ -1,0 +1,850 @@
+"""The store's database layer: every query Waddle runs, and the group committer.
+
+Plain dataclasses in, plain dataclasses out: no protobuf and no gRPC here
+(``servicer.py`` translates). Failures are ``StoreError`` subclasses, which
+the servicer maps to gRPC status codes in one place.
+
+Appends are the hot path. ``Repository.append_many`` writes many callers'
+requests in ONE transaction; ``AppendCommitter`` is the single task that
+feeds it, merging every request that arrives while a commit is in flight
+into the next transaction (group commit across callers).
+
+Sequence fencing: the owner of a channel states the head it believes in
+(``expected_last_seq``); the new messages are numbered after it and the head
+moves by a compare-and-set on ``channels.last_seq``. If the head moved (a
+second owner wrote), the group is FENCED and none of its messages are
+written, so two owners can never commit the same sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field, replace
+from time import perf_counter
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from store_service.db import writer
+from store_service.metrics import StoreMetrics
+from store_service.models import ChannelRow, MessageRow, UserRow
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 1000
+"""Most messages one page (``MessagesAfter``/``RecentMessages``/``LoadChannel``) returns."""
+MAX_SEQ = 2**63 - 1  # BIGINT
+MAX_CONNECTIONS_LIMIT = 2**31 - 1  # INTEGER
+
+
+# --- errors ---------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Base of every error the store reports to its callers."""
+
+
+class InvalidArgument(StoreError):
+    """The request is malformed; retrying it unchanged cannot succeed."""
+
+
+class NotFound(StoreError):
+    """The named user or message does not exist."""
+
+
+class Conflict(StoreError):
+    """The request contradicts stored data (e.g. a message id reused with a new key)."""
+
+
+class Unavailable(StoreError):
+    """The database failed; nothing of the request was written and it may be retried."""
+
+
+# --- values ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append. ``client_msg_id`` is the idempotency key ("" = none)."""
+
+    id: str
+    user_id: str
+    username: str
+    content: str
+    client_msg_id: str = ""
+    avatar_url: str = ""
+    thread_id: str | None = None
+    timestamp_ms: int = 0  # 0: the store stamps the commit time
+
+    @property
+    def key(self) -> str:
+        # Without a client key the message id is the key: a retry that reuses
+        # the id is still recognised, and two keyless messages never collide
+        # on the (channel_id, user_id, client_msg_id) unique constraint.
+        return self.client_msg_id or self.id
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelAppend:
+    """All new messages of one channel in a request, numbered after ``expected_last_seq``."""
+
+    channel_id: str
+    expected_last_seq: int
+    messages: Sequence[NewMessage] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    id: str
+    seq: int
+    timestamp_ms: int
+    duplicate: bool = False
+
+
+class AppendStatus(enum.Enum):
+    OK = "ok"
+    FENCED = "fenced"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelAppendResult:
+    channel_id: str
+    status: AppendStatus
+    last_seq: int  # the head after this group (OK) or the head that fenced it
+    results: tuple[AppendResult, ...] = ()  # request order; empty when FENCED
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: str
+    channel_id: str
+    seq: int
+    user_id: str
+    username: str
+    avatar_url: str
+    content: str
+    thread_id: str | None
+    timestamp_ms: int
+    client_msg_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    messages: tuple[StoredMessage, ...]
+    last_seq: int
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelState:
+    channel_id: str
+    last_seq: int
+    max_connections: int  # 0: the service default
+    recent: tuple[StoredMessage, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    username: str
+    avatar_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSettings:
+    channel_id: str
+    max_connections: int = 0  # 0: the service default
+
+
+AppendOutcome = tuple[ChannelAppendResult, ...] | StoreError
+
+
+# --- validation -------------------------------------------------------------------
+
+
+def _check_text(value: str, what: str) -> None:
+    # PostgreSQL text cannot hold NUL; failing that inside a merged commit
+    # would fail every caller in it, so refuse it here, per request.
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} contains a NUL character")
+
+
+def _require_id(value: str, what: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{what} is required")
+    _check_text(value, what)
+
+
+def validate_append(groups: Sequence[ChannelAppend]) -> None:
+    """Raise ``InvalidArgument`` unless every group and message is well formed."""
+    owners: dict[str, tuple[str, str, str]] = {}
+    for group in groups:
+        _require_id(group.channel_id, "channel_id")
+        if group.expected_last_seq < 0 or group.expected_last_seq + len(group.messages) > MAX_SEQ:
+            raise InvalidArgument("expected_last_seq out of range")
+        for m in group.messages:
+            _require_id(m.id, "message id")
+            _require_id(m.user_id, "user_id")
+            for value, what in (
+                (m.username, "username"),
+                (m.avatar_url, "avatar_url"),
+                (m.content, "content"),
+                (m.client_msg_id, "client_msg_id"),
+                (m.thread_id or "", "thread_id"),
+            ):
+                _check_text(value, what)
+            if not -MAX_SEQ <= m.timestamp_ms <= MAX_SEQ:
+                raise InvalidArgument("timestamp_ms out of range")
+            owner = (group.channel_id, m.user_id, m.key)
+            if owners.setdefault(m.id, owner) != owner:
+                raise InvalidArgument(f"message id {m.id} used for two different messages")
+
+
+def _page_limit(limit: int) -> int:
+    return limit if 0 < limit <= MAX_PAGE else MAX_PAGE
+
+
+# --- the user cache ---------------------------------------------------------------
+
+
+class _UserCache:
+    """Last (username, avatar_url) written per user id, so unchanged authors cost no write.
+
+    Bounded LRU. With several store replicas it can be stale; the worst case
+    is one skipped profile refresh until the user's next change.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def changed(self, users: Iterable[User]) -> list[User]:
+        out = []
+        for user in users:
+            known = self._entries.get(user.id)
+            if known == (user.username, user.avatar_url):
+                self._entries.move_to_end(user.id)
+            else:
+                out.append(user)
+        return out
+
+    def remember(self, users: Iterable[User]) -> None:
+        for user in users:
+            self._entries[user.id] = (user.username, user.avatar_url)
+            self._entries.move_to_end(user.id)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+
+# --- the repository ---------------------------------------------------------------
+
+
+class Repository:
+    """All reads and writes of the store, over one ``AsyncEngine``."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metrics: StoreMetrics | None = None,
+        *,
+        user_cache_size: int = 100_000,
+    ) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+        self.metrics = metrics if metrics is not None else StoreMetrics()
+        self._users = _UserCache(user_cache_size)
+        self._postgres = engine.dialect.name == "postgresql"
+        self._upsert: Callable[[Any], Any] = postgresql.insert if self._postgres else sqlite.insert
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    # --- append ---------------------------------------------------------------
+
+    async def append_batch(
+        self, groups: Sequence[ChannelAppend]
+    ) -> tuple[ChannelAppendResult, ...]:
+        """Append one request in its own transaction (no merging with other callers)."""
+        [outcome] = await self.append_many([groups])
+        if isinstance(outcome, StoreError):
+            raise outcome
+        return outcome
+
+    async def append_many(self, requests: Sequence[Sequence[ChannelAppend]]) -> list[AppendOutcome]:
+        """Write every request in ONE transaction; return one outcome per request.
+
+        An outcome is the request's per-group results or the ``StoreError``
+        that request alone failed with (invalid, or conflicting with stored
+        rows: each request runs in its own SAVEPOINT when there are several,
+        so one bad request cannot fail the others). A database failure fails
+        every request with ``Unavailable`` and writes nothing.
+        """
+        outcomes: list[AppendOutcome | None] = [None] * len(requests)
+        valid: list[int] = []
+        for i, groups in enumerate(requests):
+            try:
+                validate_append(groups)
+            except InvalidArgument as exc:
+                outcomes[i] = exc
+            else:
+                valid.append(i)
+        if valid:
+            batch = [requests[i] for i in valid]
+            for i, outcome in zip(valid, await self._commit(batch), strict=True):
+                outcomes[i] = outcome
+        return [o for o in outcomes if o is not None]
+
+    async def _commit(self, batch: list[Sequence[ChannelAppend]]) -> list[AppendOutcome]:
+        isolate = len(batch) > 1
+        start = perf_counter()
+        try:
+            async with self._writer.begin() as conn:
+                outcomes, written = await self._append_tx(conn, batch, isolate=isolate)
+        except (IntegrityError, DataError) as exc:
+            if isolate:
+                return self._failed_commit(batch, exc)
+            return [_request_error(exc)]
+        except SQLAlchemyError as exc:
+            return self._failed_commit(batch, exc)
+        finally:
+            self.metrics.append_seconds.observe(perf_counter() - start)
+        self._users.remember(written)
+        self.metrics.append_batch_size.observe(
+            sum(len(g.messages) for groups in batch for g in groups)
+        )
+        return outcomes
+
+    def _failed_commit(
+        self, batch: list[Sequence[ChannelAppend]], exc: SQLAlchemyError
+    ) -> list[AppendOutcome]:
+        self.metrics.errors.labels(op="append").inc()
+        log.warning(
+            "append transaction failed",
+            extra={"requests": len(batch), "error": type(exc).__name__},
+            exc_info=exc,
+        )
+        return [Unavailable("database unavailable; nothing was written") for _ in batch]
+
+    async def _append_tx(
+        self, conn: AsyncConnection, batch: list[Sequence[ChannelAppend]], *, isolate: bool
+    ) -> tuple[list[AppendOutcome], list[User]]:
+        now_ms = time.time_ns() // 1_000_000
+        await self._ensure_channels(
+            conn, (g.channel_id for groups in batch for g in groups), lock=True
+        )
+        outcomes: list[AppendOutcome] = []
+        authors: dict[str, User] = {}
+        for groups in batch:
+            if isolate:
+                try:
+                    async with conn.begin_nested():
+                        results, inserted = await self._append_request(conn, groups, now_ms)
+                except (IntegrityError, DataError) as exc:
+                    outcomes.append(_request_error(exc))
+                    continue
+            else:
+                results, inserted = await self._append_request(conn, groups, now_ms)
+            outcomes.append(results)
+            for m in inserted:
+                # An empty name would erase a known one; the snapshot in the
+                # message row still has whatever was sent.
+                if m.username:
+                    authors[m.user_id] = User(m.user_id, m.username, m.avatar_url)
+        written = self._users.changed(authors.values())
+        await self._write_users(conn, written)
+        return outcomes, written
+
+    async def _append_request(
+        self, conn: AsyncConnection, groups: Sequence[ChannelAppend], now_ms: int
+    ) -> tuple[tuple[ChannelAppendResult, ...], list[NewMessage]]:
+        results = []
+        inserted: list[NewMessage] = []
+        for group in groups:
+            result, new = await self._append_group(conn, group, now_ms)
+            results.append(result)
+            inserted.extend(new)
+        return tuple(results), inserted
+
+    async def _append_group(
+        self, conn: AsyncConnection, group: ChannelAppend, now_ms: int
+    ) -> tuple[ChannelAppendResult, list[NewMessage]]:
+        cid = group.channel_id
+        stored = await self._stored_keys(conn, cid, group.messages)
+        fresh: dict[tuple[str, str], AppendResult] = {}
+        results: list[AppendResult] = []
+        rows: list[dict[str, Any]] = []
+        inserted: list[NewMessage] = []
+        seq = group.expected_last_seq
+        for m in group.messages:
+            key = (m.user_id, m.key)
+            if key in stored:
+                results.append(stored[key])
+            elif key in fresh:
+                results.append(replace(fresh[key], duplicate=True))
+            else:
+                seq += 1
+                ts = m.timestamp_ms if m.timestamp_ms > 0 else now_ms
+                fresh[key] = AppendResult(m.id, seq, ts)
+                results.append(fresh[key])
+                inserted.append(m)
+                rows.append(
+                    {
+                        "id": m.id,
+                        "channel_id": cid,
+                        "seq": seq,
+                        "user_id": m.user_id,
+                        "username": m.username,
+                        "content": m.content,
+                        "thread_id": m.thread_id or None,
+                        "client_msg_id": m.key,
+                        "created_at_ms": ts,
+                    }
+                )
+        # The fence, checked even when every message was a duplicate: a
+        # stale owner must learn that it is stale.
+        moved = await conn.execute(
+            update(ChannelRow)
+            .where(ChannelRow.id == cid, ChannelRow.last_seq == group.expected_last_seq)
+            .values(last_seq=seq)
+        )
+        if moved.rowcount != 1:
+            head = await conn.scalar(select(ChannelRow.last_seq).where(ChannelRow.id == cid))
+            return ChannelAppendResult(cid, AppendStatus.FENCED, int(head or 0)), []
+        if rows:
+            await conn.execute(insert(MessageRow), rows)
+        return ChannelAppendResult(cid, AppendStatus.OK, seq, tuple(results)), inserted
+
+    async def _stored_keys(
+        self, conn: AsyncConnection, channel_id: str, messages: Sequence[NewMessage]
+    ) -> dict[tuple[str, str], AppendResult]:
+        """The already stored messages among ``messages``, by idempotency key."""
+        if not messages:
+            return {}
+        wanted = {(m.user_id, m.key) for m in messages}
+        # Two IN lists walk the (channel_id, user_id, client_msg_id) index on
+        # both dialects; the cross product they admit is filtered below.
+        rows = await conn.execute(
+            select(
+                MessageRow.user_id,
+                MessageRow.client_msg_id,
+                MessageRow.id,
+                MessageRow.seq,
+                MessageRow.created_at_ms,
+            ).where(
+                MessageRow.channel_id == channel_id,
+                MessageRow.user_id.in_(sorted({u for u, _ in wanted})),
+                MessageRow.client_msg_id.in_(sorted({k for _, k in wanted})),
+            )
+        )
+        found = {}
+        for user_id, key, mid, seq, ts in rows:
+            if (user_id, key) in wanted:
+                found[(user_id, key)] = AppendResult(mid, int(seq), int(ts), duplicate=True)
+        return found
+
+    async def _ensure_channels(
+        self, conn: AsyncConnection, channel_ids: Iterable[str], *, lock: bool = False
+    ) -> None:
+        ids = sorted(set(channel_ids))
+        if not ids:
+            return
+        await conn.execute(
+            self._upsert(ChannelRow)
+            .values([{"id": cid} for cid in ids])
+            .on_conflict_do_nothing(index_elements=[ChannelRow.id])
+        )
+        if lock and self._postgres:
+            # Take every channel row lock up front, in id order, so two
+            # store replicas committing overlapping channels cannot deadlock
+            # (SQLite has a single writer and needs none of this).
+            await conn.execute(
+                select(ChannelRow.id)
+                .where(ChannelRow.id.in_(ids))
+                .order_by(ChannelRow.id)
+                .with_for_update()
+            )
+
+    async def _write_users(self, conn: AsyncConnection, users: Sequence[User]) -> None:
+        if not users:
+            return
+        stmt = self._upsert(UserRow).values(
+            [
+                {"id": u.id, "username": u.username, "avatar_url": u.avatar_url}
+                for u in sorted(users, key=lambda u: u.id)
+            ]
+        )
+        await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[UserRow.id],
+                set_={
+                    "username": stmt.excluded.username,
+                    "avatar_url": stmt.excluded.avatar_url,
+                    "updated_at": func.current_timestamp(),
+                },
+            )
+        )
+
+    # --- reads ----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _query(self, name: str) -> AsyncIterator[None]:
+        start = perf_counter()
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            self.metrics.errors.labels(op=name).inc()
+            log.warning("query failed", extra={"query": name}, exc_info=exc)
+            raise Unavailable(f"database unavailable ({name})") from exc
+        finally:
+            self.metrics.query_seconds.labels(query=name).observe(perf_counter() - start)
+
+    async def load_channel(self, channel_id: str, recent_limit: int) -> ChannelState:
+        """The channel's head, settings and newest ``recent_limit`` messages; creates it if new."""
+        _require_id(channel_id, "channel_id")
+        limit = min(max(recent_limit, 0), MAX_PAGE)
+        async with self._query("load_channel"):
+            async with self._engine.connect() as conn:
+                state = await self._channel_state(conn, channel_id, limit)
+            if state is None:
+                async with self._writer.begin() as conn:
+                    await self._ensure_channels(conn, [channel_id])
+                    state = await self._channel_state(conn, channel_id, limit)
+        if state is None:  # pragma: no cover - the row was just inserted
+            raise Unavailable("channel row vanished")
+        return state
+
+    async def _channel_state(
+        self, conn: AsyncConnection, channel_id: str, limit: int
+    ) -> ChannelState | None:
+        row = (
+            await conn.execute(
+                select(ChannelRow.last_seq, ChannelRow.max_connections).where(
+                    ChannelRow.id == channel_id
+                )
+            )
+        ).first()
+        if row is None:
+            return None
+        head = int(row.last_seq)
+        recent, _ = await self._recent(conn, channel_id, head, limit)
+        return ChannelState(channel_id, head, int(row.max_connections or 0), recent)
+
+    async def messages_after(
+        self,
+        channel_id: str,
+        *,
+        after_seq: int = 0,
+        after_message_id: str | None = None,
+        limit: int = 0,
+    ) -> MessagePage:
+        """Messages strictly after ``after_seq`` (or after ``after_message_id``), in seq order.
+
+        ``limit`` is capped at ``MAX_PAGE``; 0 means the cap. Raises
+        ``NotFound("Unknown message id")`` when the id is not in the channel.
+        """
+        _require_id(channel_id, "channel_id")
+        if after_message_id is not None:
+            _require_id(after_message_id, "after_message_id")
+        cap = _page_limit(limit)
+        async with self._query("messages_after"), self._engine.connect() as conn:
+            head = await self._head(conn, channel_id)
+            after = min(max(after_seq, 0), MAX_SEQ)
+            if after_message_id is not None:
+                seq = await conn.scalar(
+                    select(MessageRow.seq).where(
+                        MessageRow.channel_id == channel_id, MessageRow.id == after_message_id
+                    )
+                )
+                if seq is None:
+                    raise NotFound("Unknown message id")
+                after = int(seq)
+            if head is None:
+                return MessagePage((), 0, False)
+            # Bounded by the head read first, so the page and last_seq agree
+            # even under READ COMMITTED with appends landing in between.
+            rows = await conn.execute(after_query(channel_id, after, head, cap + 1))
+            messages = [_stored(r) for r in rows]
+        return MessagePage(tuple(messages[:cap]), head, len(messages) > cap)
+
+    async def recent_messages(self, channel_id: str, limit: int = 0) -> MessagePage:
+        """The newest ``limit`` messages (capped; 0 = the cap), oldest first.
+
+        ``has_more`` says whether older messages exist.
+        """
+        _require_id(channel_id, "channel_id")
+        cap = _page_limit(limit)
+        async with self._query("recent_messages"), self._engine.connect() as conn:
+            head = await self._head(conn, channel_id)
+            if head is None:
+                return MessagePage((), 0, False)
+            messages, has_more = await self._recent(conn, channel_id, head, cap)
+        return MessagePage(messages, head, has_more)
+
+    async def _head(self, conn: AsyncConnection, channel_id: str) -> int | None:
+        head = await conn.scalar(select(ChannelRow.last_seq).where(ChannelRow.id == channel_id))
+        return None if head is None else int(head)
+
+    async def _recent(
+        self, conn: AsyncConnection, channel_id: str, head: int, limit: int
+    ) -> tuple[tuple[StoredMessage, ...], bool]:
+        if limit <= 0:
+            return (), False
+        rows = await conn.execute(recent_query(channel_id, head, limit + 1))
+        newest_first = [_stored(r) for r in rows]
+        return tuple(reversed(newest_first[:limit])), len(newest_first) > limit
+
+    # --- users and settings -------------------------------------------------------
+
+    async def upsert_users(self, users: Sequence[User]) -> int:
+        """Insert or update profiles; return how many distinct users were given."""
+        latest: dict[str, User] = {}
+        for user in users:
+            _require_id(user.id, "user id")
+            _check_text(user.username, "username")
+            _check_text(user.avatar_url, "avatar_url")
+            latest[user.id] = user
+        changed = self._users.changed(latest.values())
+        if changed:
+            async with self._query("upsert_users"), self._writer.begin() as conn:
+                await self._write_users(conn, changed)
+            self._users.remember(changed)
+        return len(latest)
+
+    async def get_user(self, user_id: str) -> User:
+        _require_id(user_id, "user id")
+        async with self._query("get_user"), self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(UserRow.id, UserRow.username, UserRow.avatar_url).where(
+                        UserRow.id == user_id
+                    )
+                )
+            ).first()
+        if row is None:
+            raise NotFound("Unknown user")
+        return User(row.id, row.username, row.avatar_url)
+
+    async def update_channel_settings(self, settings: ChannelSettings) -> ChannelSettings:
+        """Store the channel's settings, creating the channel when missing."""
+        _require_id(settings.channel_id, "channel_id")
+        if not 0 <= settings.max_connections <= MAX_CONNECTIONS_LIMIT:
+            raise InvalidArgument("max_connections out of range")
+        value = settings.max_connections or None
+        stmt = self._upsert(ChannelRow).values(id=settings.channel_id, max_connections=value)
+        async with self._query("update_channel_settings"), self._writer.begin() as conn:
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[ChannelRow.id], set_={"max_connections": value}
+                )
+            )
+        return ChannelSettings(settings.channel_id, settings.max_connections)
+
+
+def _request_error(exc: SQLAlchemyError) -> StoreError:
+    if isinstance(exc, DataError):
+        return InvalidArgument("a value does not fit the database column")
+    return Conflict("append conflicts with stored messages (message id reused?)")
+
+
+def _message_select() -> Select[*tuple[Any, ...]]:
+    # The current profile wins over the snapshot taken at write time; the
+    # snapshot covers users the store never saw a profile for.
+    username: ColumnElement[str] = func.coalesce(
+        func.nullif(UserRow.username, ""), MessageRow.username
+    )
+    return select(
+        MessageRow.id,
+        MessageRow.channel_id,
+        MessageRow.seq,
+        MessageRow.user_id,
+        username.label("username"),
+        func.coalesce(UserRow.avatar_url, "").label("avatar_url"),
+        MessageRow.content,
+        MessageRow.thread_id,
+        MessageRow.created_at_ms,
+        MessageRow.client_msg_id,
+    ).outerjoin(UserRow, UserRow.id == MessageRow.user_id)
+
+
+def after_query(channel_id: str, after: int, head: int, limit: int) -> Select[*tuple[Any, ...]]:
+    """Up to ``limit`` messages with ``after < seq <= head``, oldest first."""
+    return (
+        _message_select()
+        .where(
+            MessageRow.channel_id == channel_id,
+            MessageRow.seq > after,
+            MessageRow.seq <= head,
+        )
+        .order_by(MessageRow.seq)
+        .limit(limit)
+    )
+
+
+def recent_query(channel_id: str, head: int, limit: int) -> Select[*tuple[Any, ...]]:
+    """Up to ``limit`` messages with ``seq <= head``, NEWEST first."""
+    return (
+        _message_select()
+        .where(MessageRow.channel_id == channel_id, MessageRow.seq <= head)
+        .order_by(MessageRow.seq.desc())
+        .limit(limit)
+    )
+
+
+def _stored(row: Any) -> StoredMessage:
+    return StoredMessage(
+        id=row.id,
+        channel_id=row.channel_id,
+        seq=int(row.seq),
+        user_id=row.user_id,
+        username=row.username,
+        avatar_url=row.avatar_url,
+        content=row.content,
+        thread_id=row.thread_id,
+        timestamp_ms=int(row.created_at_ms),
+        # A keyless message is stored under its own id (see NewMessage.key);
+        # report it as keyless, the way it was sent.
+        client_msg_id="" if row.client_msg_id == row.id else row.client_msg_id,
+    )
+
+
+# --- group commit across callers ------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pending:
+    groups: Sequence[ChannelAppend]
+    size: int
+    future: asyncio.Future[tuple[ChannelAppendResult, ...]] = field(repr=False)
+
+
+class AppendCommitter:
+    """The single task that commits appends, merging concurrent callers.
+
+    ``append`` queues a request and waits for its own results. The task takes
+    everything queued (up to ``max_requests``/``max_messages``) into one
+    transaction; requests that arrive while that commit is in flight wait
+    for, and share, the next one. A caller that gives up (cancelled) before
+    its request is taken is dropped; after that, its request commits anyway
+    and a retry with the same idempotency keys gets the originals back.
+    """
+
+    def __init__(
+        self,
+        repository: Repository,
+        *,
+        max_requests: int = 256,
+        max_messages: int = 5000,
+    ) -> None:
+        self._repository = repository
+        self._max_requests = max_requests
+        self._max_messages = max_messages
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.in_flight = 0
+        """Requests in the transaction being committed right now."""
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the next transaction."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="store-append-committer"
+            )
+
+    async def __aenter__(self) -> AppendCommitter:
+        self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def append(self, groups: Sequence[ChannelAppend]) -> tuple[ChannelAppendResult, ...]:
+        """Commit ``groups`` (one request) with whatever else is queued; return its results."""
+        validate_append(groups)  # a malformed request fails alone, before it queues
+        if self._task is None or self._closing:
+            raise Unavailable("store is shutting down")
+        future: asyncio.Future[tuple[ChannelAppendResult, ...]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._queue.append(_Pending(groups, sum(len(g.messages) for g in groups), future))
+        self._wakeup.set()
+        return await future
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Commit what is queued, then stop; after ``timeout`` seconds, abandon it."""
+        self._closing = True
+        self._wakeup.set()
+        task = self._task
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        for pending in self._queue:
+            pending.future.cancel()
+        self._queue.clear()
+
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        messages = 0
+        while self._queue and len(batch) < self._max_requests:
+            nxt = self._queue[0]
+            if batch and messages + nxt.size > self._max_messages:
+                break
+            self._queue.popleft()
+            if nxt.future.done():  # its caller gave up
+                continue
+            batch.append(nxt)
+            messages += nxt.size
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._take()
+            if not batch:
+                continue
+            self.in_flight = len(batch)
+            try:
+                outcomes = await self._repository.append_many([p.groups for p in batch])
+            except asyncio.CancelledError:
+                for pending in batch:
+                    pending.future.cancel()
+                raise
+            except Exception:
+                # append_many turns database errors into outcomes; anything
+                # else is a bug, and the committer must outlive it.
+                log.exception("append committer failed")
+                outcomes = [Unavailable("append failed") for _ in batch]
+            finally:
+                self.in_flight = 0
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(outcome, StoreError):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)

@@ -1,0 +1,197 @@
+"""The gRPC face of the store: protobuf <-> repository values, errors -> status codes.
+
+Deliberately thin. All database work is in ``repository.py``; every
+``StoreError`` becomes a gRPC status in ``_guard`` and nowhere else.
+Appends go through the ``AppendCommitter`` so concurrent callers share
+transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import grpc.aio
+
+from store_service import repository as repo
+from waddle_pb import store_pb2, store_pb2_grpc
+
+T = TypeVar("T")
+
+_STATUS: dict[type[repo.StoreError], grpc.StatusCode] = {
+    repo.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    repo.NotFound: grpc.StatusCode.NOT_FOUND,
+    repo.Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    # Retryable: nothing of the request was written.
+    repo.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+async def _abort(context: Any, exc: repo.StoreError) -> NoReturn:
+    code = next(
+        (status for kind, status in _STATUS.items() if isinstance(exc, kind)),
+        grpc.StatusCode.INTERNAL,
+    )
+    await context.abort(code, str(exc))
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+async def _guard(context: Any, work: Awaitable[T]) -> T:
+    try:
+        return await work
+    except repo.StoreError as exc:
+        await _abort(context, exc)
+
+
+# --- protobuf -> repository ---------------------------------------------------------
+
+
+def _new_message(m: store_pb2.NewMessage) -> repo.NewMessage:
+    return repo.NewMessage(
+        id=m.id,
+        user_id=m.user_id,
+        username=m.username,
+        avatar_url=m.avatar_url,
+        content=m.content,
+        thread_id=m.thread_id or None,
+        timestamp_ms=m.timestamp_ms,
+        client_msg_id=m.client_msg_id,
+    )
+
+
+def _channel_append(group: store_pb2.ChannelAppend) -> repo.ChannelAppend:
+    return repo.ChannelAppend(
+        channel_id=group.channel_id,
+        expected_last_seq=group.expected_last_seq,
+        messages=tuple(_new_message(m) for m in group.messages),
+    )
+
+
+# --- repository -> protobuf ---------------------------------------------------------
+
+
+def _stored(m: repo.StoredMessage) -> store_pb2.StoredMessage:
+    return store_pb2.StoredMessage(
+        id=m.id,
+        channel_id=m.channel_id,
+        seq=m.seq,
+        user_id=m.user_id,
+        username=m.username,
+        avatar_url=m.avatar_url,
+        content=m.content,
+        thread_id=m.thread_id or "",
+        timestamp_ms=m.timestamp_ms,
+        client_msg_id=m.client_msg_id,
+    )
+
+
+def _append_result(r: repo.ChannelAppendResult) -> store_pb2.ChannelAppendResult:
+    status = (
+        store_pb2.ChannelAppendResult.OK
+        if r.status is repo.AppendStatus.OK
+        else store_pb2.ChannelAppendResult.FENCED
+    )
+    return store_pb2.ChannelAppendResult(
+        channel_id=r.channel_id,
+        status=status,
+        last_seq=r.last_seq,
+        results=[
+            store_pb2.AppendResult(
+                id=a.id, seq=a.seq, timestamp_ms=a.timestamp_ms, duplicate=a.duplicate
+            )
+            for a in r.results
+        ],
+    )
+
+
+def _page(page: repo.MessagePage) -> store_pb2.MessagePage:
+    return store_pb2.MessagePage(
+        messages=[_stored(m) for m in page.messages],
+        last_seq=page.last_seq,
+        has_more=page.has_more,
+    )
+
+
+def _user(u: repo.User) -> store_pb2.User:
+    return store_pb2.User(id=u.id, username=u.username, avatar_url=u.avatar_url)
+
+
+class StoreServicer(store_pb2_grpc.StoreServiceServicer):
+    """``waddle.store.v1.StoreService`` over a ``Repository`` and its ``AppendCommitter``."""
+
+    def __init__(self, repository: repo.Repository, committer: repo.AppendCommitter) -> None:
+        self._repository = repository
+        self._committer = committer
+
+    async def AppendBatch(
+        self, request: store_pb2.AppendBatchRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.AppendBatchResponse:
+        groups = [_channel_append(g) for g in request.channels]
+        results = await _guard(context, self._committer.append(groups))
+        return store_pb2.AppendBatchResponse(channels=[_append_result(r) for r in results])
+
+    async def LoadChannel(
+        self, request: store_pb2.LoadChannelRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.ChannelState:
+        state = await _guard(
+            context, self._repository.load_channel(request.channel_id, request.recent_limit)
+        )
+        return store_pb2.ChannelState(
+            channel_id=state.channel_id,
+            last_seq=state.last_seq,
+            settings=store_pb2.ChannelSettings(
+                channel_id=state.channel_id, max_connections=state.max_connections
+            ),
+            recent=[_stored(m) for m in state.recent],
+        )
+
+    async def MessagesAfter(
+        self, request: store_pb2.MessagesAfterRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.MessagePage:
+        after_id = (
+            request.after_message_id if request.WhichOneof("after") == "after_message_id" else None
+        )
+        page = await _guard(
+            context,
+            self._repository.messages_after(
+                request.channel_id,
+                after_seq=request.after_seq,
+                after_message_id=after_id,
+                limit=request.limit,
+            ),
+        )
+        return _page(page)
+
+    async def RecentMessages(
+        self, request: store_pb2.RecentMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.MessagePage:
+        page = await _guard(
+            context, self._repository.recent_messages(request.channel_id, request.limit)
+        )
+        return _page(page)
+
+    async def UpsertUsers(
+        self, request: store_pb2.UpsertUsersRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.UpsertUsersResponse:
+        users = [repo.User(u.id, u.username, u.avatar_url) for u in request.users]
+        count = await _guard(context, self._repository.upsert_users(users))
+        return store_pb2.UpsertUsersResponse(count=count)
+
+    async def GetUser(
+        self, request: store_pb2.GetUserRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.User:
+        return _user(await _guard(context, self._repository.get_user(request.id)))
+
+    async def UpdateChannelSettings(
+        self, request: store_pb2.ChannelSettings, context: grpc.aio.ServicerContext
+    ) -> store_pb2.ChannelSettings:
+        settings = await _guard(
+            context,
+            self._repository.update_channel_settings(
+                repo.ChannelSettings(request.channel_id, request.max_connections)
+            ),
+        )
+        return store_pb2.ChannelSettings(
+            channel_id=settings.channel_id, max_connections=settings.max_connections
+        )

@@ -1,0 +1,1 @@
+"""Tests of the store service (repository, servicer, process) and gRPC plumbing."""

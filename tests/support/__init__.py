@@ -1,0 +1,1 @@
+"""Helpers shared by Waddle's test suites (databases, processes, ...)."""
