@@ -15,7 +15,6 @@ import pytest_asyncio
 from tests.support.postgres import postgres_schema
 from tests.support.stack import Stack, start_stack
 
-
 # These tests publish in bursts; the rate limits have their own tests.
 GENEROUS_LIMITS = {
     "WADDLE_MESSAGE_RATE": "5000",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import aiohttp
 import grpc
@@ -25,7 +26,7 @@ def channel(name: str) -> str:
 
 async def join(
     http: aiohttp.ClientSession, stack: Stack, channel_id: str, user: str, **kw: object
-) -> tuple[WsClient, dict[str, object]]:
+) -> tuple[WsClient, dict[str, Any]]:
     client = await WsClient.connect(http, stack.ws_url(channel_id), token=stack.token(user, **kw))  # type: ignore[arg-type]
     first = await client.recv()
     assert first["type"] == "initial_state", first
@@ -49,9 +50,9 @@ async def test_initial_state_then_message_to_everyone_and_ack_to_sender(
     alice, state = await join(http, stack, cid, "alice", avatar_url="https://img/a.png")
     assert state["channelId"] == cid
     assert state["lastSeq"] == 0 and state["messages"] == []
-    assert [u["userId"] for u in state["onlineUsers"]] == ["alice"]  # type: ignore[index]
+    assert [u["userId"] for u in state["onlineUsers"]] == ["alice"]
     bob, state_b = await join(http, stack, cid, "bob")
-    online = {u["userId"]: u for u in state_b["onlineUsers"]}  # type: ignore[attr-defined]
+    online = {u["userId"]: u for u in state_b["onlineUsers"]}
     assert set(online) == {"alice", "bob"} and online["alice"]["status"] == "online"
     assert isinstance(online["alice"]["joinedAt"], int)
     joined = await alice.recv()
@@ -88,8 +89,8 @@ async def test_initial_state_then_message_to_everyone_and_ack_to_sender(
     # A newcomer's initial_state carries the history, oldest first, with avatars.
     carol, state_c = await join(http, stack, cid, "carol")
     msgs = state_c["messages"]
-    assert [m["content"] for m in msgs] == ["hello", "hi alice"]  # type: ignore[attr-defined]
-    assert msgs[0]["avatarUrl"] == "https://img/a.png" and msgs[0]["username"] == "alice"  # type: ignore[index]
+    assert [m["content"] for m in msgs] == ["hello", "hi alice"]
+    assert msgs[0]["avatarUrl"] == "https://img/a.png" and msgs[0]["username"] == "alice"
     assert state_c["lastSeq"] == 2
     for c in (alice, bob, carol):
         await c.close()
@@ -105,7 +106,7 @@ async def test_initial_state_holds_at_most_50_recent_messages(
     for _ in range(60):
         await alice.recv_type("ack")
     bob, state = await join(http, stack, cid, "bob")
-    contents = [m["content"] for m in state["messages"]]  # type: ignore[attr-defined]
+    contents = [m["content"] for m in state["messages"]]
     assert contents == [f"m{i}" for i in range(10, 60)]
     assert state["lastSeq"] == 60
     await alice.close()
@@ -345,7 +346,7 @@ async def test_presence_and_connect_disconnect_per_user(
     pat1, _ = await join(http, stack, cid, "pat")
     assert await watcher.recv() == {"type": "user_connected", "userId": "pat", "username": "pat"}
     pat2, state = await join(http, stack, cid, "pat")  # same user, second tab: no event
-    assert sorted(u["userId"] for u in state["onlineUsers"]) == ["pat", "walt"]  # type: ignore[attr-defined]
+    assert sorted(u["userId"] for u in state["onlineUsers"]) == ["pat", "walt"]
     await pat1.send({"type": "presence", "status": "away"})
     assert await watcher.recv() == {
         "type": "presence",
@@ -354,7 +355,7 @@ async def test_presence_and_connect_disconnect_per_user(
         "status": "away",
     }
     newcomer, state = await join(http, stack, cid, "nina")
-    statuses = {u["userId"]: u["status"] for u in state["onlineUsers"]}  # type: ignore[attr-defined]
+    statuses = {u["userId"]: u["status"] for u in state["onlineUsers"]}
     assert statuses == {"walt": "online", "pat": "away", "nina": "online"}
     assert (await watcher.recv())["type"] == "user_connected"
     await pat1.close()  # pat still has a connection: no user_disconnected

@@ -157,9 +157,9 @@ async def test_every_frame_gets_the_predicted_answer(
         match expected:
             case "binary":
                 assert [e["code"] for e in immediate] == ["binary_unsupported"]
-            case protocol.ProtocolError() as exc:
+            case protocol.ProtocolError() as refusal:
                 assert [(e["code"], e["message"]) for e in immediate] == [
-                    (exc.kind.code, orjson.loads(exc.frame())["message"])
+                    (refusal.kind.code, orjson.loads(refusal.frame())["message"])
                 ]
             case protocol.Ping():
                 assert immediate == [] and sum(f["type"] == "pong" for f in before_pong) == 1

@@ -114,7 +114,9 @@ def test_configuration_errors_are_clear() -> None:
 
 
 def _jwk(key: Any, kid: str, alg: str) -> dict[str, Any]:
-    data = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(key.public_key()))
+    data: dict[str, Any] = json.loads(
+        jwt.algorithms.get_default_algorithms()[alg].to_jwk(key.public_key())
+    )
     data.update({"kid": kid, "alg": alg, "use": "sig"})
     return data
 
@@ -138,11 +140,13 @@ async def jwks_url() -> AsyncIterator[str]:
 
 
 async def test_rs256_and_es256_via_jwks(jwks_url: str) -> None:
-    kw = {"algorithms": ["RS256", "ES256"], "jwks_url": jwks_url}
+    def verifier() -> TokenVerifier:
+        return TokenVerifier("", algorithms=["RS256", "ES256"], jwks_url=jwks_url)
+
     rs = jwt.encode(claims(), RSA_KEY, algorithm="RS256", headers={"kid": "rsa-1"})
     es = jwt.encode(claims(sub="u2"), EC_KEY, algorithm="ES256", headers={"kid": "ec-1"})
-    assert (await TokenVerifier("", **kw).verify(rs)).user_id == "u1"
-    assert (await TokenVerifier("", **kw).verify(es)).user_id == "u2"
+    assert (await verifier().verify(rs)).user_id == "u1"
+    assert (await verifier().verify(es)).user_id == "u2"
     # Unknown key id, and a key the JWKS does not hold.
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     for bad in (
@@ -150,7 +154,7 @@ async def test_rs256_and_es256_via_jwks(jwks_url: str) -> None:
         jwt.encode(claims(), other, algorithm="RS256", headers={"kid": "rsa-1"}),
     ):
         with pytest.raises(AuthError):
-            await TokenVerifier("", **kw).verify(bad)
+            await verifier().verify(bad)
 
 
 async def test_algorithm_confusion_is_refused(jwks_url: str) -> None:
