@@ -189,8 +189,9 @@ class ShardLink:
                 self._dispatch(batch)
         except grpc.aio.AioRpcError as exc:
             if not self._stopping:
-                log.warning(
-                    "shard stream broke",
+                # Failed reconnection attempts are routine while a shard restarts.
+                (log.warning if answered else log.debug)(
+                    "shard stream broke" if answered else "shard unreachable",
                     extra={"shard": self.address, "code": exc.code().name},
                 )
         finally:
@@ -212,6 +213,11 @@ class ShardLink:
                 await call.write(channel_pb2.EdgeBatch(events=events))
 
     def _dispatch(self, batch: channel_pb2.ShardBatch) -> None:
+        local = self.local
+        with local.corked():
+            self._dispatch_events(batch)
+
+    def _dispatch_events(self, batch: channel_pb2.ShardBatch) -> None:
         local = self.local
         for event in batch.events:
             kind = event.WhichOneof("kind")

@@ -139,3 +139,16 @@ def test_too_many_held_frames_close_the_connection(local: LocalChannels) -> None
     for seq in range(1, 8):
         local.deliver(deliver(seq))
     assert conn.state is State.CLOSED and len(conn.held) == 5
+
+
+def test_corked_batch_is_one_write_per_socket_in_order(local: LocalChannels) -> None:
+    conn, t = live_conn(local, 1, "a")
+    with local.corked():
+        for seq in (1, 2, 3):
+            local.deliver(deliver(seq))
+        conn.send(b'{"type":"ack"}', local.metrics, local.limits, "ack")
+        assert t.chunks == [], "nothing is written while corked"
+    expected = b"".join(text_frame(f'{{"seq":{s}}}'.encode()) for s in (1, 2, 3))
+    assert t.chunks == [expected + text_frame(b'{"type":"ack"}')]
+    local.deliver(deliver(4))  # uncorked again: written at once
+    assert len(t.chunks) == 2
