@@ -9,7 +9,12 @@ PROTO_SRC := $(wildcard protos/waddle_pb/*.proto)
 export WADDLE_JWT_SECRET ?= dev-secret-change-me
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv protos run test lint typecheck bench up down clean migrate
+.PHONY: all venv protos run test lint typecheck bench up down image clean migrate
+
+K8S ?= kind
+BASE_IMAGE ?= python:3.12-slim
+IMAGE ?= localhost/waddle:dev
+CONTAINER_TOOL ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
 all: test
 
@@ -43,6 +48,17 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy .
+
+# Container image (one image, one entrypoint per service).
+image:
+	$(CONTAINER_TOOL) build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .
+
+# Kubernetes on kind (default) or minikube (K8S=minikube): cluster, image, chart.
+up:
+	K8S=$(K8S) BASE_IMAGE=$(BASE_IMAGE) CONTAINER_TOOL=$(CONTAINER_TOOL) bash k8s/up.sh
+
+down:
+	K8S=$(K8S) bash k8s/down.sh
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

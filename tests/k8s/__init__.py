@@ -1,0 +1,1 @@
+"""Tests of the Kubernetes deployment: Helm chart, schemas, invariants, dashboards, image."""
