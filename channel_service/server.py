@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from channel_service.hub import Hub, HubConfig
 from channel_service.metrics import ChannelMetrics
 from waddle_common import logs
+from waddle_common.grpc_tls import GrpcTls, bind
 from waddle_common.grpc_util import ClientMetricsInterceptor, channel_options, server_options
 from waddle_common.ops_http import start_ops_server
 from waddle_common.settings import Settings
@@ -72,11 +73,13 @@ class ChannelServicer(channel_pb2_grpc.ChannelServiceServicer):
 
 async def serve(settings: Settings) -> None:
     metrics = ChannelMetrics()
+    tls = GrpcTls.from_settings(settings)
     store = StoreClient(
         settings.store_address,
         timeout=settings.store_timeout_seconds,
         options=channel_options(),
         interceptors=[ClientMetricsInterceptor(metrics.registry)],
+        tls=tls,
     )
     hub = Hub(
         HubConfig(
@@ -95,7 +98,9 @@ async def serve(settings: Settings) -> None:
     channel_pb2_grpc.add_ChannelServiceServicer_to_server(ChannelServicer(hub), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{settings.channel_host}:{settings.channel_port}")
+    port = bind(server, f"{settings.channel_host}:{settings.channel_port}", tls)
+    if not port:
+        raise SystemExit(f"cannot listen on {settings.channel_host}:{settings.channel_port}")
     await server.start()
     serving = True
     for name in ("", SERVICE_NAME):

@@ -33,6 +33,7 @@ from edge.metrics import EdgeMetrics
 from edge.replay import Replayer
 from edge.shards import ShardLink, ShardRouter
 from waddle_common import wire
+from waddle_common.grpc_tls import GrpcTls
 from waddle_common.grpc_util import ClientMetricsInterceptor, channel_options
 from waddle_common.settings import Settings
 from waddle_common.store_client import StoreClient
@@ -71,11 +72,13 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = EdgeMetrics()
     local = LocalChannels(metrics, Limits(send_buffer_bytes=settings.send_buffer_bytes))
+    tls = GrpcTls.from_settings(settings)
     store = StoreClient(
         settings.store_address,
         timeout=settings.store_timeout_seconds,
         options=channel_options(),
         interceptors=[ClientMetricsInterceptor(metrics.registry)],
+        tls=tls,
     )
     router = ShardRouter(
         settings.shard_list,
@@ -84,6 +87,7 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics,
         options=channel_options(),
         publish_timeout=settings.publish_timeout_seconds * 1.5,
+        tls=tls,
     )
     runtime = EdgeRuntime(
         settings=settings,

@@ -26,6 +26,7 @@ import grpc
 from edge.connection import Connection, LocalChannels, State
 from edge.metrics import EdgeMetrics
 from waddle_common import wire
+from waddle_common.grpc_tls import GrpcTls, open_channel
 from waddle_common.routing import owner_of
 from waddle_pb import channel_pb2, channel_pb2_grpc
 
@@ -274,10 +275,12 @@ class ShardRouter:
         *,
         options: Sequence[tuple[str, Any]],
         publish_timeout: float,
+        tls: GrpcTls | None = None,
     ) -> None:
         self.shards = tuple(shards)
         self.channels = {
-            address: grpc.aio.insecure_channel(address, options=options) for address in self.shards
+            address: open_channel(address, tls or GrpcTls(), options=options)
+            for address in self.shards
         }
         self.links = {
             address: ShardLink(

@@ -31,6 +31,7 @@ from store_service.metrics import StoreMetrics
 from store_service.migrate import NotMigrated, check_at_head
 from store_service.repository import AppendCommitter, Repository
 from store_service.servicer import StoreServicer
+from waddle_common.grpc_tls import GrpcTls, bind
 from waddle_common.grpc_util import ServerMetricsInterceptor, server_options
 from waddle_common.logs import announce_ready
 from waddle_common.ops_http import start_ops_server
@@ -111,8 +112,12 @@ async def start(settings: Settings) -> RunningStore:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        grpc_port = server.add_insecure_port(_address(settings.store_host, settings.store_port))
-    except RuntimeError as exc:
+        grpc_port = bind(
+            server,
+            _address(settings.store_host, settings.store_port),
+            GrpcTls.from_settings(settings),
+        )
+    except (RuntimeError, ValueError) as exc:  # ValueError: unreadable TLS files
         grpc_port = 0
         bind_error: Exception | None = exc
     else:

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
 
     # --- all ----------------------------------------------------------------
     log_level: str = "info"
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
+    grpc_tls_ca: str = ""
+    grpc_tls_client_auth: bool = False
 
     @field_validator("channel_shards", "jwt_algorithms", "allowed_origins", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from waddle_common import wire
+from waddle_common.grpc_tls import GrpcTls, open_channel
 from waddle_pb import store_pb2, store_pb2_grpc
 
 # Codes after which the same request may succeed later.
@@ -58,11 +59,12 @@ class StoreClient:
         timeout: float,
         options: list[tuple[str, Any]] | None = None,
         interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+        tls: GrpcTls | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(
-            address, options=options or [], interceptors=interceptors
+        self._channel = open_channel(
+            address, tls or GrpcTls(), options=options or [], interceptors=interceptors
         )
         self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
 
