@@ -271,30 +271,36 @@ async def _serve(
             return False
         return True
 
-    def rate_limited(wait: float, client_msg_id: str | None = None) -> bool:
+    def rate_limited(wait: float, client_msg_id: str | None, *, abuse: bool) -> bool:
+        """Refuse an over-budget frame. Going over the message or typing budget
+        is ordinary back-pressure (a client flushing its queue after a
+        reconnect); going over the budget for all frames is abuse."""
         metrics.frames_in.labels("rate_limited").inc()
-        return refuse(
-            wire.error_frame(
-                wire.RATE_LIMITED,
-                retryAfterMs=max(1, math.ceil(wait * 1000)),
-                clientMsgId=client_msg_id,
-            )
+        payload = wire.error_frame(
+            wire.RATE_LIMITED,
+            retryAfterMs=max(1, math.ceil(wait * 1000)),
+            clientMsgId=client_msg_id,
         )
+        if abuse:
+            return refuse(payload)
+        conn.send(payload, metrics, limits, "error")
+        return True
 
     async for msg in ws:
         if conn.state is State.CLOSED:
             break
         if msg.type is WSMsgType.TEXT:
-            wait = budget.frames.take(clock())
-            if wait:
-                if not rate_limited(wait):
-                    break
-                continue
             try:
                 frame = protocol.parse_client_frame(msg.data, max_message_length=max_len)
             except protocol.ProtocolError as exc:
                 metrics.frames_in.labels("invalid").inc()
                 if not refuse(exc.frame()):
+                    break
+                continue
+            wait = budget.frames.take(clock())
+            if wait:
+                cmid = frame.client_msg_id if isinstance(frame, protocol.SendMessage) else None
+                if not rate_limited(wait, cmid, abuse=True):
                     break
                 continue
             metrics.frames_in.labels(protocol.frame_type(frame)).inc()
@@ -304,8 +310,7 @@ async def _serve(
                 case protocol.SendMessage(content=content, thread_id=thread_id, client_msg_id=cmid):
                     wait = budget.messages.take(clock())
                     if wait:
-                        if not rate_limited(wait, cmid):
-                            break
+                        rate_limited(wait, cmid, abuse=False)
                         continue
                     link.publish(
                         conn,
@@ -322,8 +327,7 @@ async def _serve(
                 case protocol.SetTyping(is_typing=is_typing):
                     wait = budget.typing.take(clock())
                     if wait:
-                        if not rate_limited(wait):
-                            break
+                        rate_limited(wait, None, abuse=False)
                         continue
                     link.typing(conn, is_typing)
                 case protocol.SetPresence(status=status):

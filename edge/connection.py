@@ -35,6 +35,7 @@ from aiohttp import web
 
 from edge.auth import Identity
 from edge.metrics import EdgeMetrics
+from edge.protocol import Sync
 from edge.wsframe import text_frame
 from waddle_common import wire
 from waddle_pb import channel_pb2
@@ -77,6 +78,7 @@ class Connection:
     floor: int = 0
     held: list[tuple[int, bytes]] = field(default_factory=list)
     sync_task: asyncio.Task[None] | None = None
+    queued_sync: Sync | None = None
     close_code: int | None = None
     close_reason: str = ""
     cork: Cork | None = None

@@ -58,9 +58,17 @@ class Replayer:
 
     def client_sync(self, conn: Connection, frame: Sync) -> None:
         if conn.sync_task is not None and not conn.sync_task.done():
-            conn.send(
-                wire.error_frame(wire.SYNC_IN_PROGRESS), self.metrics, self.local.limits, "error"
-            )
+            # The edge may be filling a gap on its own; the client's request
+            # runs right after it. Only a second queued request is refused.
+            if conn.queued_sync is not None:
+                conn.send(
+                    wire.error_frame(wire.SYNC_IN_PROGRESS),
+                    self.metrics,
+                    self.local.limits,
+                    "error",
+                )
+                return
+            conn.queued_sync = frame
             return
         conn.state = State.SYNCING
         self._start(conn, frame.after_seq, frame.after_message_id, requested=True)
@@ -72,6 +80,12 @@ class Replayer:
         conn.sync_task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._next_queued(conn))
+
+    def _next_queued(self, conn: Connection) -> None:
+        frame, conn.queued_sync = conn.queued_sync, None
+        if frame is not None and conn.state is not State.CLOSED:
+            self.client_sync(conn, frame)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

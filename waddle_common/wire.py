@@ -34,7 +34,9 @@ EMPTY_MESSAGE = ErrorKind("empty_message", "Message is empty")
 BINARY_UNSUPPORTED = ErrorKind("binary_unsupported", "Binary frames are not supported")
 UNKNOWN_MESSAGE_ID = ErrorKind("unknown_message_id", "Unknown message id")
 SYNC_IN_PROGRESS = ErrorKind("sync_in_progress", "Sync already in progress")
-NOT_JOINED = ErrorKind("not_joined", "Not joined to this channel")
+# The owner did not know the connection (it had just restarted and the edge
+# had not re-registered it yet): resending succeeds.
+NOT_JOINED = ErrorKind("not_joined", "Not joined to this channel", retryable=True)
 UNAVAILABLE = ErrorKind("unavailable", "Channel temporarily unavailable", retryable=True)
 RATE_LIMITED = ErrorKind("rate_limited", "Rate limited", retryable=True)
 

@@ -395,6 +395,33 @@ async def test_sync_replays_missed_messages_in_order(
         await c.close()
 
 
+async def test_back_to_back_syncs_both_complete(stack: Stack, http: aiohttp.ClientSession) -> None:
+    cid = channel("twosync")
+    poster, _ = await join(http, stack, cid, "poster")
+    for i in range(5):
+        await poster.send({"type": "message", "content": f"s{i}"})
+    for _ in range(5):
+        await poster.recv_type("ack")
+    late, _ = await join(http, stack, cid, "late")
+    await late.send({"type": "sync", "afterSeq": 0})
+    await late.send({"type": "sync", "afterSeq": 0})
+    done = [await late.recv_type("sync_complete"), await late.recv_type("sync_complete")]
+    assert done[0] == {"type": "sync_complete", "lastSeq": 5, "count": 5}
+    assert done[1] == {"type": "sync_complete", "lastSeq": 5, "count": 0}, "nothing is sent twice"
+    assert late.seqs() == [1, 2, 3, 4, 5]
+    await late.send({"type": "sync", "afterSeq": 0})
+    await late.send({"type": "sync", "afterSeq": 0})
+    await late.send({"type": "sync", "afterSeq": 0})
+    codes = []
+    async with asyncio.timeout(10):
+        while codes.count("sync_complete") < 2:
+            frame = await late.recv()
+            codes.append(frame.get("code") or frame["type"])
+    assert "sync_in_progress" in codes or codes.count("sync_complete") == 3
+    await poster.close()
+    await late.close()
+
+
 async def test_live_messages_during_sync_are_held_back_and_deduplicated(
     stack: Stack, http: aiohttp.ClientSession
 ) -> None:

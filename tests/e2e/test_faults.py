@@ -207,7 +207,9 @@ async def running(tmp: Path, kind: str) -> AsyncIterator[Scenario]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-async def test_no_acknowledged_message_is_lost_across_restarts(tmp_path: Path, kind: str) -> None:
+async def test_no_acknowledged_message_is_lost_across_restarts(
+    tmp_path: Path, kind: str, record_property: Callable[[str, object], None]
+) -> None:
     async with running(tmp_path, kind) as sc:
         stack = sc.stack
 
@@ -219,10 +221,12 @@ async def test_no_acknowledged_message_is_lost_across_restarts(tmp_path: Path, k
             await asyncio.sleep(1.0)  # and on, through the recovery
             heads = await sc.settle()
             total_acked = sum(len(p.acked) for p in sc.publishers)
-            print(
-                f"[{kind}] after {name}: store heads {heads}, acked {total_acked}, "
+            reconnects = {m.name: m.drops - drops_before[m.name] for m in sc.members}
+            record_property(
+                "checked",
+                f"after {name}: store heads {heads}, acked {total_acked}, "
                 f"deliveries checked {sum(len(m.seqs) for m in sc.members)}, "
-                f"drops { ({m.name: m.drops - drops_before[m.name] for m in sc.members}) }"
+                f"reconnects {reconnects}",
             )
             if name == "channel shard SIGKILL":
                 assert all(m.drops == drops_before[m.name] for m in sc.members), (

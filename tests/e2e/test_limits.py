@@ -25,8 +25,8 @@ LIMITS = {
     "WADDLE_MESSAGE_BURST": "5",
     "WADDLE_TYPING_RATE": "1",
     "WADDLE_TYPING_BURST": "3",
-    "WADDLE_FRAME_RATE": "1000",
-    "WADDLE_FRAME_BURST": "1000",
+    "WADDLE_FRAME_RATE": "20",
+    "WADDLE_FRAME_BURST": "40",
     "WADDLE_ABUSE_BURST": "8",
     "WADDLE_USER_MAX_CONNECTIONS": "2",
     "WADDLE_EDGE_MAX_CONNECTIONS": "12",
@@ -79,6 +79,36 @@ async def test_message_rate_limit_answers_with_retry_after(
     await c.send({"type": "ping"})
     assert (await c.recv())["type"] == "pong"
     await c.close()
+
+
+async def test_message_backpressure_never_closes(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """A client flushing a long queue after a reconnect is slowed down, not banned."""
+    c = await connect(http, stack, cid(), "flusher")
+    for i in range(30):
+        await c.send({"type": "message", "content": f"queued {i}", "clientMsgId": f"q{i}"})
+    refused = 0
+    async with asyncio.timeout(10):
+        seen = 0
+        while seen < 30:
+            frame = await c.recv()
+            if frame["type"] == "error":
+                assert frame["code"] == "rate_limited"
+                refused += 1
+            if frame["type"] in ("error", "ack"):
+                seen += 1
+    assert refused == 25
+    await c.send({"type": "ping"})
+    assert (await c.recv_type("pong"))["type"] == "pong"
+    await c.close()
+
+
+async def test_frame_flood_closes_1008(stack: Stack, http: aiohttp.ClientSession) -> None:
+    c = await connect(http, stack, cid(), "flooder")
+    for _ in range(200):
+        if c.ws.closed:
+            break
+        await c.send({"type": "ping"})
+    assert await c.wait_closed() == 1008
 
 
 async def test_sustained_abuse_closes_1008(stack: Stack, http: aiohttp.ClientSession) -> None:
