@@ -412,7 +412,7 @@ async def test_back_to_back_syncs_both_complete(stack: Stack, http: aiohttp.Clie
     await late.send({"type": "sync", "afterSeq": 0})
     await late.send({"type": "sync", "afterSeq": 0})
     await late.send({"type": "sync", "afterSeq": 0})
-    codes = []
+    codes: list[str] = []
     async with asyncio.timeout(10):
         while codes.count("sync_complete") < 2:
             frame = await late.recv()

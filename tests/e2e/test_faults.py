@@ -43,9 +43,11 @@ class Member:
     acked: set[str] = field(default_factory=set)
     drops: int = 0  # times the connection went down
     task: asyncio.Task[None] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def consume(self) -> None:
         async for event in self.client.events():
+            self.changed.set()
             match event:
                 case Message(seq=seq):
                     self.seqs.append(seq)
@@ -73,12 +75,13 @@ async def store_messages(stack: Stack, channel: str) -> list[store_pb2.StoredMes
             after = page.messages[-1].seq
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Wait for a condition that events will make true (checked after each event loop turn)."""
+async def until(m: Member, condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait until ``condition`` holds, re-checking after each of ``m``'s events."""
     try:
         async with asyncio.timeout(timeout):
             while not condition():
-                await asyncio.sleep(0.02)
+                m.changed.clear()
+                await m.changed.wait()
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
 
@@ -148,7 +151,8 @@ class Scenario:
         self.pause()
         await asyncio.sleep(0.05)  # let the publish loops reach their wait
         for p in self.publishers:
-            await until(lambda p=p: not p.client.pending, f"{p.name}'s acks", timeout=60)
+            client = p.client
+            await until(p, lambda: not client.pending, f"{p.name}'s acks", timeout=60)  # noqa: B023
         heads: dict[str, int] = {}
         for channel in CHANNELS:
             stored = await store_messages(self.stack, channel)
@@ -164,7 +168,8 @@ class Scenario:
                     assert not missing, f"acked but not stored: {sorted(missing)[:5]}"
         for m in self.members:
             head = heads[m.channel]
-            await until(lambda m=m, head=head: len(m.seqs) >= head, f"{m.name} to receive {head}")
+            seqs = m.seqs
+            await until(m, lambda: len(seqs) >= head, f"{m.name} to receive {head}")  # noqa: B023
             assert m.seqs == list(range(1, head + 1)), f"{m.name}: not exactly once in order"
         return heads
 
