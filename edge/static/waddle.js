@@ -128,7 +128,7 @@ const OPEN = 1;
  * @property {string} content
  * @property {string | undefined} threadId
  *
- * @typedef {PendingMessage & {frame: string, sentOn: number}} OutboxEntry
+ * @typedef {PendingMessage & {frame: string, sentOn: number, held: boolean}} OutboxEntry
  *
  * @typedef {{
  *   message: ChatMessage,
@@ -164,6 +164,9 @@ const OPEN = 1;
  *   reconnect if nothing arrives within as long again; 0 disables.
  * @property {number} [syncTimeoutMs=10000]  Give up waiting for `sync_complete`
  *   after this long and deliver what is buffered.
+ * @property {number} [maxInFlight=8]  Messages written and not yet acknowledged at
+ *   once; the rest wait their turn (keeps a reconnect's resends under the
+ *   server's rate limit).
  * @property {number} [maxFrameBytes=32768]  `send()` refuses larger frames (the
  *   server would close with 1009).
  * @property {boolean} [autoConnect=true]  Connect on the next microtask.
@@ -296,9 +299,8 @@ export class WaddleClient {
     /** @private */ this._heartbeatTimer = null;
     /** @private */ this._syncTimer = null;
     /** @private */ this._resendTimer = null;
-    /** @private @type {Set<string>} */
-    this._resendIds = new Set();
-    /** @private */ this._resendAll = false;
+    /** @private messages written and not yet answered, per connection */
+    this._maxInFlight = options.maxInFlight ?? 8;
 
     /** @private @type {Map<string, OutboxEntry>} unacknowledged messages, in send order */
     this._unacked = new Map();
@@ -394,12 +396,9 @@ export class WaddleClient {
     if (utf8.encode(frame).length > this._maxFrameBytes) {
       throw new RangeError('Message too long');
     }
-    const entry = { clientMsgId, content, threadId, frame, sentOn: 0 };
+    const entry = { clientMsgId, content, threadId, frame, sentOn: 0, held: false };
     this._unacked.set(clientMsgId, entry);
-    if (this._isOpen()) {
-      this._ws.send(frame);
-      entry.sentOn = this._connId;
-    }
+    this._pump();
     return clientMsgId;
   }
 
@@ -507,11 +506,7 @@ export class WaddleClient {
     if (this._presence !== null && this._presence !== 'online') {
       this._raw({ type: 'presence', status: this._presence });
     }
-    for (const entry of this._unacked.values()) {
-      if (entry.sentOn === this._connId) continue;
-      this._ws.send(entry.frame);
-      entry.sentOn = this._connId;
-    }
+    this._pump();
     this._armHeartbeat();
     this._setState('open', {});
   }
@@ -542,7 +537,10 @@ export class WaddleClient {
         this._emit('sync_complete', frame);
         break;
       case 'ack':
-        if (this._unacked.delete(frame.clientMsgId)) this._emit('ack', frame);
+        if (this._unacked.delete(frame.clientMsgId)) {
+          this._emit('ack', frame);
+          this._pump();
+        }
         break;
       case 'error':
         this._onError(frame);
@@ -571,13 +569,35 @@ export class WaddleClient {
     const retryable = frame.retryable === true;
     const retryAfterMs = Number.isFinite(frame.retryAfterMs) ? Math.max(0, frame.retryAfterMs) : undefined;
     if (retryable) this._scheduleResend(id, retryAfterMs ?? this._baseDelayMs);
-    else if (id !== undefined) this._unacked.delete(id);
+    else if (id !== undefined && this._unacked.delete(id)) this._pump();
     /** @type {WaddleError} */
     const err = { message: String(frame.message ?? 'Error'), code: frame.code };
     if (id !== undefined) err.clientMsgId = id;
     if (retryable) err.retryable = true;
     if (retryAfterMs !== undefined) err.retryAfterMs = retryAfterMs;
     this._emit('error', err);
+  }
+
+  /**
+   * Write unacknowledged messages in send order while fewer than
+   * `maxInFlight` are awaiting an answer on this connection. The window keeps
+   * a long queue (after a reconnect) from arriving as one burst that the
+   * server's rate limit would refuse.
+   * @private
+   */
+  _pump() {
+    // Not _isOpen(): _onOpen pumps before it announces the `open` state.
+    if (this._ws === null || this._ws.readyState !== OPEN) return;
+    let inFlight = 0;
+    for (const entry of this._unacked.values()) if (entry.sentOn === this._connId) inFlight += 1;
+    for (const entry of this._unacked.values()) {
+      if (inFlight >= this._maxInFlight) break;
+      if (entry.sentOn === this._connId) continue;
+      if (entry.held) break; // waiting out a pause the server asked for; keep the order
+      this._ws.send(entry.frame);
+      entry.sentOn = this._connId;
+      inFlight += 1;
+    }
   }
 
   /**
@@ -588,21 +608,17 @@ export class WaddleClient {
    * @param {number} delayMs
    */
   _scheduleResend(clientMsgId, delayMs) {
-    if (clientMsgId === undefined) this._resendAll = true;
-    else this._resendIds.add(clientMsgId);
+    for (const entry of this._unacked.values()) {
+      if (clientMsgId === undefined || entry.clientMsgId === clientMsgId) {
+        entry.held = true;
+        entry.sentOn = 0;
+      }
+    }
     if (this._resendTimer !== null) return;
     this._resendTimer = this._setTimeout(() => {
       this._resendTimer = null;
-      const all = this._resendAll;
-      const ids = this._resendIds;
-      this._resendAll = false;
-      this._resendIds = new Set();
-      if (!this._isOpen()) return; // a reconnect resends everything anyway
-      for (const entry of this._unacked.values()) {
-        if (!all && !ids.has(entry.clientMsgId)) continue;
-        this._ws.send(entry.frame);
-        entry.sentOn = this._connId;
-      }
+      for (const entry of this._unacked.values()) entry.held = false;
+      this._pump(); // a reconnect in the meantime resent them already
     }, delayMs);
   }
 
@@ -737,8 +753,7 @@ export class WaddleClient {
       this._clearTimeout(this._resendTimer);
       this._resendTimer = null;
     }
-    this._resendAll = false;
-    this._resendIds.clear();
+    for (const entry of this._unacked.values()) entry.held = false;
     if (this._heartbeatTimer !== null) {
       this._clearTimeout(this._heartbeatTimer);
       this._heartbeatTimer = null;

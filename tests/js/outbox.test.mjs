@@ -315,3 +315,24 @@ test('send() validates its input and refuses frames the server would close for',
     await peer.stop();
   }
 });
+
+test('at most maxInFlight messages await an ack at once; each ack lets the next one go', T, async () => {
+  const peer = await Peer.start({ onConnection: (c) => c.send(initialState()) });
+  const client = makeClient(peer, { maxInFlight: 3 });
+  // Queued before the connection opens: a reconnect's backlog looks the same.
+  const ids = Array.from({ length: 10 }, (_, i) => client.send(`queued ${i}`));
+  try {
+    const conn = await peer.connection(0);
+    const firstThree = await conn.framesOfType('message', 3);
+    assert.deepEqual(firstThree.map((f) => f.clientMsgId), ids.slice(0, 3));
+    ack(conn, firstThree[0], 1);
+    const four = await conn.framesOfType('message', 4);
+    // Had the window been ignored, all ten would have been written at open,
+    // before the ack that released the fourth.
+    assert.equal(conn.frames.filter((f) => f.type === 'message').length, 4);
+    assert.equal(four[3].clientMsgId, ids[3]);
+  } finally {
+    client.close();
+    await peer.stop();
+  }
+});
