@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from waddle_common import wire
+from waddle_common.store_client import stored_to_body
 from waddle_pb import channel_pb2, store_pb2
 
 ConnKey = tuple[str, int]  # (edge id, connection id within that edge)
@@ -113,8 +114,6 @@ class Channel:
         recent_limit: int,
         max_user_connections: int = 10,
     ) -> Channel:
-        from waddle_common.store_client import stored_to_body
-
         return cls(
             channel_id=state.channel_id,
             last_seq=state.last_seq,

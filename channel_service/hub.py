@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from channel_service.channel import Channel, Conn, PendingPublish
 from channel_service.metrics import ChannelMetrics
+from waddle_common import wire
 from waddle_common.store_client import StoreClient, StoreUnavailable, stored_to_body
 from waddle_pb import channel_pb2, store_pb2
 
@@ -263,8 +264,6 @@ class Hub:
         self._spawn(self._load(channel_id), name=f"load:{channel_id}")
 
     def _apply_unloaded_publish(self, session: Session, pub: channel_pb2.Publish) -> None:
-        from waddle_common import wire
-
         self.metrics.publishes.labels("refused").inc()
         self.reply(
             session.edge_id,
@@ -365,8 +364,6 @@ class Hub:
         self, backlog: list[tuple[Session, channel_pb2.EdgeEvent]]
     ) -> list[tuple[Session, channel_pb2.EdgeEvent]]:
         """Answer what cannot wait for the store; return the re-registrations."""
-        from waddle_common import wire
-
         keep: list[tuple[Session, channel_pb2.EdgeEvent]] = []
         for session, event in backlog:
             kind = event.WhichOneof("kind")
