@@ -57,6 +57,31 @@ class Emitter(Protocol):
     def join_result(self, edge_id: str, result: channel_pb2.JoinResult) -> None: ...
 
 
+class PublishLike(Protocol):
+    """What a refusal needs of a publish: a proto ``Publish`` or a ``PendingPublish``."""
+
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def client_msg_id(self) -> str: ...
+    @property
+    def client_supplied_id(self) -> bool: ...
+
+
+def refuse_publish(
+    emit: Emitter, edge_id: str, channel_id: str, pub: PublishLike, kind: wire.ErrorKind
+) -> None:
+    """Settle a publish with an error frame (echoing the client's key if it chose one)."""
+    emit.reply(
+        edge_id,
+        pub.conn_id,
+        channel_id,
+        wire.error_frame(kind, clientMsgId=pub.client_msg_id if pub.client_supplied_id else None),
+        client_msg_id=pub.client_msg_id,
+        final=True,
+    )
+
+
 @dataclass(slots=True)
 class Conn:
     edge_id: str
@@ -309,17 +334,7 @@ class Channel:
         elif len(pub.content) > max_length:
             kind = wire.MESSAGE_TOO_LONG
         if kind is not None or conn is None:
-            emit.reply(
-                edge_id,
-                pub.conn_id,
-                self.channel_id,
-                wire.error_frame(
-                    kind or wire.NOT_JOINED,
-                    clientMsgId=pub.client_msg_id if pub.client_supplied_id else None,
-                ),
-                client_msg_id=pub.client_msg_id,
-                final=True,
-            )
+            refuse_publish(emit, edge_id, self.channel_id, pub, kind or wire.NOT_JOINED)
             return None
         pending = PendingPublish(
             edge_id=edge_id,
@@ -402,14 +417,4 @@ class Channel:
 
     def fail_pending(self, pendings: Iterable[PendingPublish], emit: Emitter) -> None:
         for pending in pendings:
-            emit.reply(
-                pending.edge_id,
-                pending.conn_id,
-                self.channel_id,
-                wire.error_frame(
-                    wire.UNAVAILABLE,
-                    clientMsgId=pending.client_msg_id if pending.client_supplied_id else None,
-                ),
-                client_msg_id=pending.client_msg_id,
-                final=True,
-            )
+            refuse_publish(emit, pending.edge_id, self.channel_id, pending, wire.UNAVAILABLE)

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from channel_service.channel import Channel, Conn, PendingPublish
+from channel_service.channel import Channel, Conn, PendingPublish, refuse_publish
 from channel_service.metrics import ChannelMetrics
 from waddle_common import wire
 from waddle_common.store_client import StoreClient, StoreUnavailable, stored_to_body
@@ -265,16 +265,7 @@ class Hub:
 
     def _apply_unloaded_publish(self, session: Session, pub: channel_pb2.Publish) -> None:
         self.metrics.publishes.labels("refused").inc()
-        self.reply(
-            session.edge_id,
-            pub.conn_id,
-            pub.channel_id,
-            wire.error_frame(
-                wire.NOT_JOINED, clientMsgId=pub.client_msg_id if pub.client_supplied_id else None
-            ),
-            client_msg_id=pub.client_msg_id,
-            final=True,
-        )
+        refuse_publish(self, session.edge_id, pub.channel_id, pub, wire.NOT_JOINED)
 
     def _apply(self, channel: Channel, session: Session, event: channel_pb2.EdgeEvent) -> None:
         if session.closed:
@@ -382,17 +373,7 @@ class Hub:
             elif kind == "publish":
                 pub = event.publish
                 self.metrics.publishes.labels("unavailable").inc()
-                self.reply(
-                    session.edge_id,
-                    pub.conn_id,
-                    pub.channel_id,
-                    wire.error_frame(
-                        wire.UNAVAILABLE,
-                        clientMsgId=pub.client_msg_id if pub.client_supplied_id else None,
-                    ),
-                    client_msg_id=pub.client_msg_id,
-                    final=True,
-                )
+                refuse_publish(self, session.edge_id, pub.channel_id, pub, wire.UNAVAILABLE)
         return keep
 
     # -- group commit -------------------------------------------------------

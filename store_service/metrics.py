@@ -8,24 +8,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from waddle_common.grpc_util import LATENCY_BUCKETS as GRPC_LATENCY_BUCKETS
+
 # Seconds: a local SQLite commit is well under a millisecond without fsync,
 # a few ms with it; anything past a second is an incident.
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+LATENCY_BUCKETS = GRPC_LATENCY_BUCKETS
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
