@@ -21,7 +21,7 @@ all: test
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -48,6 +48,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy .
+
+# Benchmarks against peers: BENCH_ARGS="--help" lists scenarios and options;
+# WADDLE_BENCH_DATABASE_URL=postgresql+psycopg://... runs Waddle on PostgreSQL.
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
 
 # Container image (one image, one entrypoint per service).
 image:

@@ -1,0 +1,434 @@
+"""The benchmark scenarios. Each takes a running ``System`` and returns a
+JSON-able dict of its measurements (or ``{"error": ...}`` when the system
+could not take the load, e.g. could not accept the connections in time).
+
+* ``fanout``: one channel, N receivers, one sender at a fixed rate.
+* ``throughput``: N receivers, the publish rate ramped until all-members
+  p99 passes the limit; the best passing step is the answer.
+* ``many_channels``: C channels of M members, each with a publishing member.
+* ``connect`` (+ ``idle``): open many connections, then hold them idle and
+  sample RSS and CPU of every server process.
+* ``replay``: Waddle only, ``sync`` after M missed messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from bench import procstat
+from bench.driver import Load, Progress, split_groups, start_load
+from bench.ramp import RateRamp, StepResult
+from bench.stats import all_members, quantiles_ms, summarize_ns
+from bench.systems import System
+
+
+@dataclass
+class Config:
+    fanout_sizes: list[int] = field(default_factory=lambda: [100, 1000, 5000, 10000])
+    fanout_rate: float = 10.0
+    fanout_duration: float = 10.0
+    # Distinct identities among one channel's receivers (0: one per connection).
+    # Waddle's presence makes a join cost O(members) (see docs/performance.md).
+    fanout_users: int = 100
+    content_size: int = 200
+    throughput_members: int = 1000
+    throughput_start: float = 25.0
+    throughput_factor: float = 1.6
+    throughput_step: float = 5.0
+    throughput_limit_ms: float = 100.0
+    throughput_max_rate: float = 2000.0
+    many_channels: int = 1000
+    many_members: int = 10
+    many_rate: float = 1000.0
+    many_duration: float = 10.0
+    connect_total: int = 10000
+    connect_channel_size: int = 100
+    connect_concurrency: int = 100
+    idle_seconds: float = 10.0
+    replay_messages: int = 1000
+    replay_rounds: int = 3
+    workers: int = 1
+    drain: float = 10.0
+    connect_timeout: float = 240.0
+    profile_seconds: float = 0.0  # > 0: py-spy the server during one throughput step
+    profile_rate: float = 200.0  # publishes per second of that step (0: the best passing rate)
+    profile_dir: Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["profile_dir"] = str(self.profile_dir) if self.profile_dir else None
+        return out
+
+
+@dataclass(eq=False)
+class Context:
+    config: Config
+    progress: Progress
+    work_dir: Path
+
+
+def _spec(
+    system: System, cfg: Config, groups: list[dict[str, Any]], concurrency: int
+) -> dict[str, Any]:
+    return {
+        "proto": system.proto,
+        "base_url": system.base_url,
+        "jwt_secret": system.jwt_secret,
+        "content_size": cfg.content_size,
+        "concurrency": concurrency,
+        "connect_timeout": cfg.connect_timeout,
+        "groups": groups,
+    }
+
+
+def _expected(groups: list[dict[str, Any]], workers: int) -> list[int]:
+    """Deliveries of one message of the first group, per worker."""
+    parts = split_groups(groups[:1], workers)
+    out = []
+    for part in parts:
+        n = 0
+        for g in part:
+            n += int(g.get("receivers", 0)) + (
+                1 if g.get("sender") and g.get("sender_records") else 0
+            )
+        out.append(n)
+    return out
+
+
+def _connect_summary(c: dict[str, Any]) -> dict[str, Any]:
+    ms = np.asarray(c["connect_ms"], dtype=np.float64)
+    return {
+        "connected": c["connected"],
+        "failures": c["failures"],
+        "retries": c["retries"],
+        "connect_s": round(c["elapsed_s"], 2),
+        "connects_per_s": round(c["connected"] / c["elapsed_s"], 1) if c["elapsed_s"] else 0.0,
+        "connect_p50_ms": float(np.percentile(ms, 50)) if ms.size else math.nan,
+        "connect_p99_ms": float(np.percentile(ms, 99)) if ms.size else math.nan,
+        "first_error": c["first_error"],
+    }
+
+
+async def _window(
+    load: Load,
+    system: System,
+    *,
+    rate: float,
+    duration: float,
+    drain: float,
+    members: int,
+    expected_by_worker: list[int],
+    label: str,
+) -> dict[str, Any]:
+    cpu = procstat.CpuWindow(
+        {**system.pids(), **{f"loadgen{i}": p for i, p in enumerate(load.pids())}}
+    )
+    cpu.start()
+    summary, idx, lat = await load.run(
+        rate=rate,
+        duration=duration,
+        drain=drain,
+        expected_by_worker=expected_by_worker,
+        label=label,
+    )
+    usage = cpu.stop()
+    sent = int(summary["sent"])
+    am = all_members(idx, lat, sent=sent, expected_per_message=members)
+    expected = sent * members
+    send_s = float(summary["send_seconds"])
+    return {
+        "rate": rate,
+        "duration_s": round(send_s, 2),
+        "sent": sent,
+        "deliveries": int(idx.size),
+        "expected": expected,
+        "delivered_fraction": (idx.size / expected) if expected else 0.0,
+        "deliveries_per_s": round(idx.size / send_s, 1) if send_s else 0.0,
+        "delivery": summarize_ns(lat).as_dict(),
+        "all_members": summarize_ns(am.complete_latencies_ns).as_dict(),
+        "delivery_cdf_ms": quantiles_ms(lat),
+        "all_members_cdf_ms": quantiles_ms(am.complete_latencies_ns),
+        "complete_messages": am.complete,
+        "incomplete_messages": am.incomplete,
+        "duplicates": am.duplicates,
+        "acks": summary["acks"],
+        "cpu_percent": usage,
+    }
+
+
+async def edge_fanout_histogram(system: System) -> dict[str, float] | None:
+    """Waddle's own view: ``waddle_edge_fanout_latency_seconds`` (p50/p99 from buckets)."""
+    if system.name != "waddle":
+        return None
+    port = system.base_url.rsplit(":", 1)[1]
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=10)
+            ) as r,
+        ):
+            text = await r.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    return histogram_quantiles(text, "waddle_edge_fanout_latency_seconds")
+
+
+def histogram_quantiles(text: str, name: str) -> dict[str, float] | None:
+    """p50/p99 (ms, bucket upper bounds) and count of a Prometheus histogram."""
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            upper = math.inf if bound == "+Inf" else float(bound)
+            buckets.append((upper, float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    out: dict[str, float] = {"count": total}
+    for q in (0.5, 0.99):
+        for upper, count in buckets:
+            if count >= q * total:
+                out[f"p{int(q * 100)}_ms"] = upper * 1000
+                break
+    return out
+
+
+# -- scenarios ---------------------------------------------------------------------
+
+
+async def fanout(system: System, ctx: Context, n: int) -> dict[str, Any]:
+    cfg = ctx.config
+    groups = [
+        {
+            "channel": f"fanout-{n}-{uuid.uuid4().hex[:6]}",
+            "receivers": n,
+            "sender": True,
+            "users": cfg.fanout_users,
+        }
+    ]
+    spec = _spec(system, cfg, groups, cfg.connect_concurrency)
+    async with start_load(
+        spec, workers=cfg.workers, work_dir=ctx.work_dir, progress=ctx.progress
+    ) as load:
+        c = await load.wait_connected(cfg.connect_timeout + 30)
+        result: dict[str, Any] = {"members": n, "connect": _connect_summary(c)}
+        if c["connected"] < n + 1:
+            result["error"] = f"connected {c['connected']} of {n + 1}: {c['first_error']}"
+            return result
+        await asyncio.sleep(1.0)
+        result.update(
+            await _window(
+                load,
+                system,
+                rate=cfg.fanout_rate,
+                duration=cfg.fanout_duration,
+                drain=cfg.drain,
+                members=n,
+                expected_by_worker=_expected(groups, cfg.workers),
+                label=f"fanout N={n}",
+            )
+        )
+        result["server_fanout"] = await edge_fanout_histogram(system)
+        return result
+
+
+async def throughput(system: System, ctx: Context) -> dict[str, Any]:
+    cfg = ctx.config
+    n = cfg.throughput_members
+    groups = [
+        {
+            "channel": f"tput-{uuid.uuid4().hex[:6]}",
+            "receivers": n,
+            "sender": True,
+            "users": cfg.fanout_users,
+        }
+    ]
+    spec = _spec(system, cfg, groups, cfg.connect_concurrency)
+    ramp = RateRamp(
+        start=cfg.throughput_start,
+        factor=cfg.throughput_factor,
+        limit_ms=cfg.throughput_limit_ms,
+        max_rate=cfg.throughput_max_rate,
+    )
+    steps: list[dict[str, Any]] = []
+    async with start_load(
+        spec, workers=cfg.workers, work_dir=ctx.work_dir, progress=ctx.progress
+    ) as load:
+        c = await load.wait_connected(cfg.connect_timeout + 30)
+        result: dict[str, Any] = {"members": n, "connect": _connect_summary(c), "steps": steps}
+        if c["connected"] < n + 1:
+            result["error"] = f"connected {c['connected']} of {n + 1}: {c['first_error']}"
+            return result
+        await asyncio.sleep(1.0)
+        rate: float | None = ramp.first()
+        while rate is not None:
+            step = await _window(
+                load,
+                system,
+                rate=rate,
+                duration=cfg.throughput_step,
+                drain=cfg.drain,
+                members=n,
+                expected_by_worker=_expected(groups, cfg.workers),
+                label=f"throughput {rate:.0f} msg/s",
+            )
+            p99 = step["all_members"]["p99_ms"]
+            step["passed"] = StepResult(
+                rate, p99, step["delivered_fraction"], step["deliveries_per_s"]
+            ).passes(ramp.limit_ms, ramp.min_fraction)
+            steps.append(step)
+            ctx.progress.show(
+                f"throughput {rate:.0f} msg/s: {step['deliveries_per_s']:.0f} deliveries/s, "
+                f"all-members p99 {p99:.1f} ms, {'pass' if step['passed'] else 'fail'}",
+                force=True,
+            )
+            rate = ramp.next(
+                StepResult(rate, p99, step["delivered_fraction"], step["deliveries_per_s"])
+            )
+            await asyncio.sleep(1.0)
+        best = ramp.best
+        result["best"] = next(
+            (s for s in steps if best is not None and s["rate"] == best.rate), None
+        )
+        if cfg.profile_seconds > 0 and cfg.profile_dir is not None and system.name == "waddle":
+            prate = cfg.profile_rate or (best.rate if best is not None else cfg.throughput_start)
+            result["profile"] = await _profile_step(load, system, ctx, groups, prate)
+        return result
+
+
+async def _profile_step(
+    load: Load, system: System, ctx: Context, groups: list[dict[str, Any]], rate: float
+) -> dict[str, Any]:
+    from bench import profile
+
+    cfg = ctx.config
+    assert cfg.profile_dir is not None
+    recorders = await profile.start(system.pids(), cfg.profile_dir, cfg.profile_seconds)
+    step = await _window(
+        load,
+        system,
+        rate=rate,
+        duration=cfg.profile_seconds + 1,
+        drain=cfg.drain,
+        members=cfg.throughput_members,
+        expected_by_worker=_expected(groups, cfg.workers),
+        label=f"profiling at {rate:.0f} msg/s",
+    )
+    files = await profile.finish(recorders)
+    return {"rate": rate, "step": step, "files": files}
+
+
+async def many_channels(system: System, ctx: Context) -> dict[str, Any]:
+    cfg = ctx.config
+    tag = uuid.uuid4().hex[:6]
+    m = cfg.many_members
+    groups = [
+        {"channel": f"many-{tag}-{i}", "receivers": m - 1, "sender": True, "sender_records": True}
+        for i in range(cfg.many_channels)
+    ]
+    spec = _spec(system, cfg, groups, cfg.connect_concurrency)
+    total = cfg.many_channels * m
+    async with start_load(
+        spec, workers=cfg.workers, work_dir=ctx.work_dir, progress=ctx.progress
+    ) as load:
+        c = await load.wait_connected(cfg.connect_timeout + 30)
+        result: dict[str, Any] = {
+            "channels": cfg.many_channels,
+            "members": m,
+            "connect": _connect_summary(c),
+        }
+        if c["connected"] < total:
+            result["error"] = f"connected {c['connected']} of {total}: {c['first_error']}"
+            return result
+        await asyncio.sleep(1.0)
+        result.update(
+            await _window(
+                load,
+                system,
+                rate=cfg.many_rate,
+                duration=cfg.many_duration,
+                drain=cfg.drain,
+                members=m,
+                expected_by_worker=_expected(groups, cfg.workers),
+                label=f"{cfg.many_channels} channels x {m}",
+            )
+        )
+        return result
+
+
+async def connect_idle(system: System, ctx: Context) -> dict[str, Any]:
+    """Connect ``connect_total`` clients (channels of ``connect_channel_size``), then idle."""
+    cfg = ctx.config
+    tag = uuid.uuid4().hex[:6]
+    size = cfg.connect_channel_size
+    count = math.ceil(cfg.connect_total / size)
+    groups = [
+        {"channel": f"conn-{tag}-{i}", "receivers": min(size, cfg.connect_total - i * size)}
+        for i in range(count)
+    ]
+    spec = _spec(system, cfg, groups, cfg.connect_concurrency)
+    await asyncio.sleep(1.0)
+    rss_before = procstat.rss_bytes(system.edge_pid())
+    async with start_load(
+        spec, workers=cfg.workers, work_dir=ctx.work_dir, progress=ctx.progress
+    ) as load:
+        c = await load.wait_connected(cfg.connect_timeout + 30)
+        connect = _connect_summary(c)
+        connect["target"] = cfg.connect_total
+        ctx.progress.show(
+            f"idle: {c['connected']} connections, sampling {cfg.idle_seconds:.0f}s", force=True
+        )
+        await asyncio.sleep(3.0)
+        rss_after = procstat.rss_bytes(system.edge_pid())
+        pids = {**system.pids(), **{f"loadgen{i}": p for i, p in enumerate(load.pids())}}
+        cpu = await procstat.cpu_percent(pids, cfg.idle_seconds)
+        alive = system.alive()
+    idle = {
+        "connections": c["connected"],
+        "edge_rss_before_mb": round(rss_before / 2**20, 1),
+        "edge_rss_after_mb": round(rss_after / 2**20, 1),
+        "rss_per_connection_kb": round((rss_after - rss_before) / max(1, c["connected"]) / 1024, 2),
+        "cpu_percent": {k: round(v, 2) for k, v in cpu.items()},
+        "window_s": cfg.idle_seconds,
+        "server_alive": alive,
+    }
+    return {"connect": connect, "idle": idle}
+
+
+async def replay(system: System, ctx: Context) -> dict[str, Any]:
+    cfg = ctx.config
+    if system.name != "waddle":
+        return {"error": "not applicable (no persistence)"}
+    groups = [{"channel": f"replay-{uuid.uuid4().hex[:6]}", "receivers": 0, "sender": True}]
+    spec = _spec(system, cfg, groups, 10)
+    async with start_load(spec, workers=1, work_dir=ctx.work_dir, progress=ctx.progress) as load:
+        c = await load.wait_connected(60)
+        if c["connected"] < 1:
+            return {"error": f"could not connect: {c['first_error']}"}
+        ctx.progress.show(
+            f"replay: {cfg.replay_rounds} x sync after {cfg.replay_messages}", force=True
+        )
+        r = await load.replay(cfg.replay_messages, cfg.replay_rounds)
+    times = np.asarray(r["times_ms"], dtype=np.float64)
+    return {
+        "messages": cfg.replay_messages,
+        "rounds": cfg.replay_rounds,
+        "times_ms": [round(t, 1) for t in r["times_ms"]],
+        "replayed_counts": r["counts"],
+        "p50_ms": float(np.percentile(times, 50)) if times.size else math.nan,
+        "max_ms": float(times.max()) if times.size else math.nan,
+        "messages_per_s": (
+            round(cfg.replay_messages / (float(np.percentile(times, 50)) / 1000), 0)
+            if times.size
+            else 0.0
+        ),
+    }

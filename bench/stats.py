@@ -1,0 +1,122 @@
+"""Pure statistics of a benchmark run: percentiles, per-delivery latency and
+all-members latency.
+
+A *delivery* is one message frame arriving at one receiver. The load
+generator records, for every delivery, the index of the message and its
+latency (arrival time minus the send time stamped into the message, both
+read from the same clock). *All-members latency* of one message is the
+latency of its last delivery: the moment every member had it. It is only
+defined for messages that reached every member; the others are counted as
+incomplete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+PERCENTILES = (50.0, 90.0, 99.0)
+
+
+def percentile(values: npt.ArrayLike, q: float) -> float:
+    """The ``q``-th percentile (0-100, linear interpolation); NaN when empty."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return float("nan")
+    return float(np.percentile(arr, q))
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """Latency distribution in milliseconds."""
+
+    count: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize_ns(latencies_ns: npt.ArrayLike) -> LatencySummary:
+    """p50/p90/p99/max/mean of nanosecond latencies, in milliseconds."""
+    arr = np.asarray(latencies_ns, dtype=np.float64) / 1e6
+    if arr.size == 0:
+        nan = float("nan")
+        return LatencySummary(0, nan, nan, nan, nan, nan)
+    p50, p90, p99 = (float(v) for v in np.percentile(arr, PERCENTILES))
+    return LatencySummary(
+        count=int(arr.size),
+        p50_ms=p50,
+        p90_ms=p90,
+        p99_ms=p99,
+        max_ms=float(arr.max()),
+        mean_ms=float(arr.mean()),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AllMembers:
+    """Per message: how many deliveries it got and its last delivery's latency."""
+
+    complete_latencies_ns: IntArray  # one entry per message that reached every member
+    complete: int
+    incomplete: int
+    duplicates: int  # deliveries beyond the expected count (should be 0)
+
+
+def all_members(
+    message_idx: npt.ArrayLike,
+    latency_ns: npt.ArrayLike,
+    *,
+    sent: int,
+    expected_per_message: int,
+) -> AllMembers:
+    """Aggregate deliveries per message.
+
+    ``message_idx[i]`` and ``latency_ns[i]`` describe delivery ``i``; messages
+    are numbered ``0 .. sent - 1``. A message is complete when it got at
+    least ``expected_per_message`` deliveries; its all-members latency is the
+    largest latency among its deliveries.
+    """
+    idx = np.asarray(message_idx, dtype=np.int64)
+    lat = np.asarray(latency_ns, dtype=np.int64)
+    if idx.shape != lat.shape:
+        raise ValueError("message_idx and latency_ns differ in length")
+    if sent <= 0:
+        return AllMembers(np.zeros(0, dtype=np.int64), 0, 0, 0)
+    keep = (idx >= 0) & (idx < sent)
+    idx, lat = idx[keep], lat[keep]
+    counts = np.bincount(idx, minlength=sent)
+    last = np.full(sent, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(last, idx, lat)
+    done = counts >= expected_per_message
+    extra = np.clip(counts - expected_per_message, 0, None)
+    return AllMembers(
+        complete_latencies_ns=last[done],
+        complete=int(done.sum()),
+        incomplete=int(sent - done.sum()),
+        duplicates=int(extra.sum()),
+    )
+
+
+def quantiles_ms(latencies_ns: npt.ArrayLike, points: int = 101) -> list[float]:
+    """``points`` evenly spaced quantiles (0..100 %) in ms, for CDF plots."""
+    arr = np.asarray(latencies_ns, dtype=np.float64) / 1e6
+    if arr.size == 0:
+        return []
+    return [round(float(v), 3) for v in np.percentile(arr, np.linspace(0, 100, points))]
+
+
+def rate(count: int, seconds: float) -> float:
+    """Events per second; 0 for an empty interval."""
+    return count / seconds if seconds > 0 else 0.0
