@@ -15,6 +15,7 @@ The class does no I/O: everything it says goes through an ``Emitter``.
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -115,13 +116,25 @@ class PendingPublish:
     message: store_pb2.NewMessage
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelPolicy:
+    """Limits every channel of a shard shares (each channel keeps its own capacity)."""
+
+    recent_limit: int = 50
+    max_user_connections: int = 10
+    # Big channels: `initial_state` lists at most this many users (with the
+    # full count), and joins/leaves are not announced above this many
+    # connections - otherwise filling a channel costs O(members^2) frames.
+    online_users_limit: int = 1000
+    presence_fanout_limit: int = 1000
+
+
 @dataclass(slots=True)
 class Channel:
     channel_id: str
     last_seq: int
     max_connections: int
-    recent_limit: int
-    max_user_connections: int = 10
+    policy: ChannelPolicy = field(default_factory=ChannelPolicy)
     recent: collections.deque[dict[str, Any]] = field(default_factory=collections.deque)
     conns: dict[ConnKey, Conn] = field(default_factory=dict)
     users: dict[str, OnlineUser] = field(default_factory=dict)
@@ -136,17 +149,15 @@ class Channel:
         state: store_pb2.ChannelState,
         *,
         default_max: int,
-        recent_limit: int,
-        max_user_connections: int = 10,
+        policy: ChannelPolicy,
     ) -> Channel:
         return cls(
             channel_id=state.channel_id,
             last_seq=state.last_seq,
             max_connections=state.settings.max_connections or default_max,
-            recent_limit=recent_limit,
-            max_user_connections=max_user_connections,
+            policy=policy,
             recent=collections.deque(
-                (stored_to_body(m) for m in state.recent), maxlen=max(recent_limit, 1)
+                (stored_to_body(m) for m in state.recent), maxlen=max(policy.recent_limit, 1)
             ),
         )
 
@@ -156,7 +167,13 @@ class Channel:
     def idle(self) -> bool:
         return not self.conns and not self.pending and not self.committing
 
-    def online_users(self) -> list[dict[str, Any]]:
+    def online_users(self, first: str = "") -> list[dict[str, Any]]:
+        """Online users, ``first`` (the joiner) leading, at most ``online_users_limit``."""
+        users: Iterable[OnlineUser] = self.users.values()
+        if len(self.users) > self.policy.online_users_limit:
+            head = [self.users[first]] if first in self.users else []
+            rest = (u for u in users if u.user_id != first)
+            users = head + list(itertools.islice(rest, self.policy.online_users_limit - len(head)))
         return [
             {
                 "userId": u.user_id,
@@ -164,8 +181,11 @@ class Channel:
                 "joinedAt": u.joined_at_ms,
                 "status": u.status,
             }
-            for u in self.users.values()
+            for u in users
         ]
+
+    def _announces_presence(self) -> bool:
+        return len(self.conns) <= self.policy.presence_fanout_limit
 
     def join(self, conn: Conn, *, rejoin: bool, emit: Emitter) -> None:
         key = (conn.edge_id, conn.conn_id)
@@ -175,7 +195,7 @@ class Channel:
             user = self.users.get(conn.user_id)
             if len(self.conns) >= self.max_connections:
                 refusal = "channel_full"
-            elif user is not None and user.conns >= self.max_user_connections:
+            elif user is not None and user.conns >= self.policy.max_user_connections:
                 refusal = "user_limit"
         if refusal:
             emit.join_result(
@@ -198,7 +218,7 @@ class Channel:
                 self.users[conn.user_id] = OnlineUser(
                     conn.user_id, conn.username, conn.joined_at_ms, conn.status, conns=1
                 )
-                if not rejoin:
+                if not rejoin and self._announces_presence():
                     emit.broadcast(
                         self,
                         wire.user_connected_frame(user_id=conn.user_id, username=conn.username),
@@ -215,7 +235,8 @@ class Channel:
             initial = wire.initial_state_frame(
                 channel_id=self.channel_id,
                 messages=self.recent,
-                online_users=self.online_users(),
+                online_users=self.online_users(first=conn.user_id),
+                online_count=len(self.users),
                 last_seq=self.last_seq,
             )
         emit.join_result(
@@ -257,6 +278,8 @@ class Channel:
                 exclude_user_id=conn.user_id,
                 ephemeral=True,
             )
+        if not self._announces_presence():
+            return
         emit.broadcast(
             self,
             wire.user_disconnected_frame(user_id=conn.user_id, username=conn.username),
@@ -405,7 +428,7 @@ class Channel:
         seq = int(body["seq"])
         if seq > self.last_seq:
             self.last_seq = seq
-            if self.recent_limit:
+            if self.policy.recent_limit:
                 self.recent.append(body)
         emit.broadcast(
             self,

@@ -27,7 +27,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from channel_service.channel import Channel, Conn, PendingPublish, refuse_publish
+from channel_service.channel import (
+    Channel,
+    ChannelPolicy,
+    Conn,
+    PendingPublish,
+    refuse_publish,
+)
 from channel_service.metrics import ChannelMetrics
 from waddle_common import wire
 from waddle_common.store_client import StoreClient, StoreUnavailable, stored_to_body
@@ -40,8 +46,7 @@ log = logging.getLogger("channel.hub")
 class HubConfig:
     default_max_connections: int
     max_message_length: int
-    recent_limit: int
-    max_user_connections: int = 10
+    policy: ChannelPolicy
     publish_timeout: float = 10.0
     rejoin_grace: float = 5.0
     retry_initial: float = 0.05
@@ -325,7 +330,7 @@ class Hub:
         delay = self.config.retry_initial
         while True:
             try:
-                state = await self.store.load_channel(channel_id, self.config.recent_limit)
+                state = await self.store.load_channel(channel_id, self.config.policy.recent_limit)
             except StoreUnavailable as exc:
                 log.warning(
                     "channel load failed", extra={"channel_id": channel_id, "error": str(exc)}
@@ -342,8 +347,7 @@ class Hub:
             channel = Channel.from_state(
                 state,
                 default_max=self.config.default_max_connections,
-                recent_limit=self.config.recent_limit,
-                max_user_connections=self.config.max_user_connections,
+                policy=self.config.policy,
             )
             self.channels[channel_id] = channel
             for session, event in self._loading.pop(channel_id).backlog:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from channel_service.channel import ChannelPolicy
 from channel_service.hub import Hub, HubConfig
 from channel_service.metrics import ChannelMetrics
 from waddle_common import logs
@@ -85,8 +86,12 @@ async def serve(settings: Settings) -> None:
         HubConfig(
             default_max_connections=settings.channel_max_connections,
             max_message_length=settings.max_message_length,
-            recent_limit=settings.recent_messages,
-            max_user_connections=settings.user_max_connections,
+            policy=ChannelPolicy(
+                recent_limit=settings.recent_messages,
+                max_user_connections=settings.user_max_connections,
+                online_users_limit=settings.online_users_limit,
+                presence_fanout_limit=settings.presence_fanout_limit,
+            ),
             publish_timeout=settings.publish_timeout_seconds,
             rejoin_grace=settings.rejoin_grace_seconds,
         ),

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     channel_shards: Annotated[list[str], NoDecode] = ["127.0.0.1:50051"]
     channel_max_connections: int = Field(10000, ge=1)
     user_max_connections: int = Field(10, ge=1)
+    online_users_limit: int = Field(1000, ge=1)
+    presence_fanout_limit: int = Field(1000, ge=0)
     max_message_length: int = Field(4000, ge=1)
     recent_messages: int = Field(50, ge=0, le=500)
     store_address: str = "127.0.0.1:50061"

@@ -151,6 +151,7 @@ def initial_state_frame(
     channel_id: str,
     messages: Iterable[Mapping[str, Any]],
     online_users: Iterable[Mapping[str, Any]],
+    online_count: int,
     last_seq: int,
 ) -> bytes:
     return _dumps(
@@ -159,6 +160,7 @@ def initial_state_frame(
             "channelId": channel_id,
             "messages": list(messages),
             "onlineUsers": list(online_users),
+            "onlineCount": online_count,
             "lastSeq": last_seq,
         }
     )

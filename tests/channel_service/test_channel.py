@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from channel_service.channel import Channel, Conn
+from channel_service.channel import Channel, ChannelPolicy, Conn
 from waddle_pb import channel_pb2, store_pb2
 
 
@@ -37,7 +37,7 @@ def make_channel(max_connections: int = 10) -> Channel:
         channel_id="c1",
         last_seq=0,
         max_connections=max_connections,
-        recent_limit=3,
+        policy=ChannelPolicy(recent_limit=3, online_users_limit=3, presence_fanout_limit=4),
         recent=collections.deque(maxlen=3),
     )
 
@@ -170,3 +170,17 @@ def test_committed_broadcasts_in_order_acks_and_keeps_recent_window() -> None:
     # A duplicate's re-broadcast does not enter the window twice.
     ch.broadcast_stored(dict(ch.recent[-1]), received_at_ns=0, emit=rec)
     assert [m["seq"] for m in ch.recent] == [2, 3, 4]
+
+
+def test_big_channels_cap_online_users_and_stop_announcing_joins() -> None:
+    ch, rec = make_channel(max_connections=100), Recorder()
+    for i in range(4):  # up to presence_fanout_limit=4 connections: announced
+        ch.join(conn("e1", i, f"u{i}"), rejoin=False, emit=rec)
+    assert rec.types() == ["user_connected"] * 4
+    ch.join(conn("e1", 9, "late"), rejoin=False, emit=rec)  # the 5th: not announced
+    assert rec.types() == ["user_connected"] * 4
+    state = orjson.loads(rec.results[-1][1].initial_state)
+    assert state["onlineCount"] == 5
+    assert [u["userId"] for u in state["onlineUsers"]] == ["late", "u0", "u1"], "joiner first, capped at 3"
+    ch.leave("e1", 0, rec)  # 4 connections left: announced again
+    assert rec.types()[-1] == "user_disconnected"
