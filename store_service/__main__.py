@@ -17,6 +17,12 @@ def main() -> None:
     # The start-up revision check would log Alembic's chatter at info.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    try:
         code = asyncio.run(serve(settings))
     except StartupError as exc:
         # One line on stderr, exit status 1: what an operator needs first.

@@ -4,12 +4,14 @@ SQLite (the embedded default) gets WAL, ``synchronous=FULL`` (an
 acknowledged message must survive power loss), foreign keys and a busy
 timeout on every connection, and SQLAlchemy takes over BEGIN from the
 sqlite3 driver so that SAVEPOINTs and transactional DDL work and so that
-write transactions can start with ``BEGIN IMMEDIATE``. PostgreSQL goes
-through psycopg 3 with a bounded pool.
+write transactions can start with ``BEGIN IMMEDIATE``. The SQLite library
+must be 3.35 or newer (the group commit uses ``UPDATE ... FROM`` and
+``RETURNING``). PostgreSQL goes through psycopg 3 with a bounded pool.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ WRITE_OPTION = "waddle_write"
 
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 DEFAULT_CONNECT_TIMEOUT_S = 5
+MIN_SQLITE_VERSION = (3, 35, 0)
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -79,7 +82,17 @@ def create_engine(
     raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
 
 
+def check_sqlite_version(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
+    """Refuse a SQLite library the store's statements cannot run on (``ValueError``)."""
+    if version < MIN_SQLITE_VERSION:
+        found = ".".join(map(str, version))
+        wanted = ".".join(map(str, MIN_SQLITE_VERSION))
+        raise ValueError(f"SQLite {wanted} or newer is required, this Python has {found}")
+
+
 def _create_sqlite_engine(url: URL, busy_timeout_ms: int) -> AsyncEngine:
+    # Fail at start-up, not with a syntax error on the first append.
+    check_sqlite_version()
     path = _sqlite_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,10 @@ the servicer maps to gRPC status codes in one place.
 Appends are the hot path. ``Repository.append_many`` writes many callers'
 requests in ONE transaction; ``AppendCommitter`` is the single task that
 feeds it, merging every request that arrives while a commit is in flight
-into the next transaction (group commit across callers).
+into the next transaction (group commit across callers). A transaction
+runs a fixed handful of set-based statements (``batch_sql``), however many
+channels and requests it holds: fencing, numbering and duplicate detection
+are decided in Python between them (``_plan``).
 
 Sequence fencing: the owner of a channel states the head it believes in
 (``expected_last_seq``); the new messages are numbered after it and the head
@@ -29,11 +32,12 @@ from dataclasses import dataclass, field, replace
 from time import perf_counter
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from store_service.batch_sql import HeadMove, MessageKey, MessageValues, StoredRef, for_dialect
 from store_service.db import writer
 from store_service.metrics import StoreMetrics
 from store_service.models import ChannelRow, MessageRow, UserRow
@@ -245,6 +249,101 @@ class _UserCache:
             self._entries.popitem(last=False)
 
 
+# --- planning a write ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one write does, decided in Python before its statements run.
+
+    ``rows[i]`` is the stored form of ``inserted[i]``.
+    """
+
+    results: list[tuple[ChannelAppendResult, ...]]  # one tuple per request
+    rows: list[MessageValues]
+    inserted: list[NewMessage]
+    heads: dict[str, int]  # every channel's head after the write
+    moves: list[HeadMove]  # one per channel whose head moves
+
+    def fence(self, current: dict[str, int]) -> None:
+        """Refuse every group of the channels in ``current`` (their real heads)."""
+        self.results = [
+            tuple(
+                ChannelAppendResult(r.channel_id, AppendStatus.FENCED, current.get(r.channel_id, 0))
+                if r.channel_id in current
+                else r
+                for r in request
+            )
+            for request in self.results
+        ]
+        kept = [i for i, row in enumerate(self.rows) if row[1] not in current]
+        self.rows = [self.rows[i] for i in kept]
+        self.inserted = [self.inserted[i] for i in kept]
+        self.moves = [move for move in self.moves if move[0] not in current]
+        self.heads.update(current)
+
+
+def _plan(
+    requests: Sequence[Sequence[ChannelAppend]],
+    heads: dict[str, int],
+    stored: dict[MessageKey, StoredRef],
+    now_ms: int,
+) -> _Plan:
+    """Fence, number and deduplicate ``requests`` in order, as if written one group at a time.
+
+    A group is FENCED unless it expects the channel's head as the groups
+    before it left it; its messages are numbered after that head, skipping
+    keys already ``stored`` or written earlier in this write (both answer
+    with the original).
+    """
+    head = dict(heads)
+    fresh: dict[MessageKey, AppendResult] = {}
+    rows: list[MessageValues] = []
+    inserted: list[NewMessage] = []
+    results: list[tuple[ChannelAppendResult, ...]] = []
+    for groups in requests:
+        request: list[ChannelAppendResult] = []
+        for group in groups:
+            cid = group.channel_id
+            seq = head.get(cid, 0)
+            # Checked even when every message is a duplicate: a stale owner
+            # must learn that it is stale.
+            if group.expected_last_seq != seq:
+                request.append(ChannelAppendResult(cid, AppendStatus.FENCED, seq))
+                continue
+            appended: list[AppendResult] = []
+            for m in group.messages:
+                key = (cid, m.user_id, m.key)
+                if (original := stored.get(key)) is not None:
+                    appended.append(AppendResult(*original, duplicate=True))
+                elif key in fresh:
+                    appended.append(replace(fresh[key], duplicate=True))
+                else:
+                    seq += 1
+                    ts = m.timestamp_ms if m.timestamp_ms > 0 else now_ms
+                    fresh[key] = AppendResult(m.id, seq, ts)
+                    appended.append(fresh[key])
+                    inserted.append(m)
+                    rows.append(
+                        (
+                            m.id,
+                            cid,
+                            seq,
+                            m.user_id,
+                            m.username,
+                            m.content,
+                            m.thread_id or None,
+                            m.key,
+                            ts,
+                        )
+                    )
+            head[cid] = seq
+            request.append(ChannelAppendResult(cid, AppendStatus.OK, seq, tuple(appended)))
+        results.append(tuple(request))
+    moves = [(cid, heads.get(cid, 0), new) for cid, new in head.items() if new != heads.get(cid, 0)]
+    return _Plan(results, rows, inserted, head, moves)
+
+
 # --- the repository ---------------------------------------------------------------
 
 
@@ -264,6 +363,7 @@ class Repository:
         self._users = _UserCache(user_cache_size)
         self._postgres = engine.dialect.name == "postgresql"
         self._upsert: Callable[[Any], Any] = postgresql.insert if self._postgres else sqlite.insert
+        self._sql = for_dialect(engine.dialect.name)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -305,15 +405,23 @@ class Repository:
         return [o for o in outcomes if o is not None]
 
     async def _commit(self, batch: list[Sequence[ChannelAppend]]) -> list[AppendOutcome]:
-        isolate = len(batch) > 1
         start = perf_counter()
         try:
-            async with self._writer.begin() as conn:
-                outcomes, written = await self._append_tx(conn, batch, isolate=isolate)
-        except (IntegrityError, DataError) as exc:
-            if isolate:
-                return self._failed_commit(batch, exc)
-            return [_request_error(exc)]
+            try:
+                outcomes, written = await self._transaction(batch, isolate=False)
+            except (IntegrityError, DataError) as exc:
+                if len(batch) == 1:
+                    return [_request_error(exc)]
+                # One of the merged requests conflicts with stored rows (say, a
+                # reused message id). That is rare, so the whole batch first
+                # runs as one set of statements; now it runs again with every
+                # request in a SAVEPOINT of its own, so that the bad one fails
+                # alone. Nothing of the first try was committed.
+                log.debug(
+                    "merged append failed; retrying request by request",
+                    extra={"requests": len(batch), "error": type(exc).__name__},
+                )
+                outcomes, written = await self._transaction(batch, isolate=True)
         except SQLAlchemyError as exc:
             return self._failed_commit(batch, exc)
         finally:
@@ -335,164 +443,96 @@ class Repository:
         )
         return [Unavailable("database unavailable; nothing was written") for _ in batch]
 
+    async def _transaction(
+        self, batch: list[Sequence[ChannelAppend]], *, isolate: bool
+    ) -> tuple[list[AppendOutcome], list[User]]:
+        async with self._writer.begin() as conn:
+            return await self._append_tx(conn, batch, isolate=isolate)
+
     async def _append_tx(
         self, conn: AsyncConnection, batch: list[Sequence[ChannelAppend]], *, isolate: bool
     ) -> tuple[list[AppendOutcome], list[User]]:
+        """Write ``batch`` in the open transaction ``conn``.
+
+        The number of statements does not depend on the number of channel
+        groups: create the missing channels, read (and on PostgreSQL lock)
+        every head, then per write (the whole batch, or each request in its
+        SAVEPOINT when ``isolate``) one duplicate lookup, one compare-and-set
+        of the moving heads and one insert; last, one upsert of the authors.
+        """
         now_ms = time.time_ns() // 1_000_000
-        await self._ensure_channels(
-            conn, (g.channel_id for groups in batch for g in groups), lock=True
-        )
+        ids = sorted({g.channel_id for groups in batch for g in groups})
+        heads: dict[str, int] = {}
+        if ids:
+            await self._sql.ensure_channels(conn, ids)
+            heads = await self._sql.lock_heads(conn, ids)
         outcomes: list[AppendOutcome] = []
-        authors: dict[str, User] = {}
-        for groups in batch:
-            if isolate:
+        inserted: list[NewMessage] = []
+        if isolate:
+            for groups in batch:
                 try:
                     async with conn.begin_nested():
-                        results, inserted = await self._append_request(conn, groups, now_ms)
+                        plan = await self._write(conn, [groups], heads, now_ms)
                 except (IntegrityError, DataError) as exc:
                     outcomes.append(_request_error(exc))
                     continue
-            else:
-                results, inserted = await self._append_request(conn, groups, now_ms)
-            outcomes.append(results)
-            for m in inserted:
-                # An empty name would erase a known one; the snapshot in the
-                # message row still has whatever was sent.
-                if m.username:
-                    authors[m.user_id] = User(m.user_id, m.username, m.avatar_url)
+                # Only a request that committed to its savepoint moves the
+                # heads the next request is checked against.
+                heads = plan.heads
+                outcomes.extend(plan.results)
+                inserted.extend(plan.inserted)
+        else:
+            plan = await self._write(conn, batch, heads, now_ms)
+            outcomes.extend(plan.results)
+            inserted = plan.inserted
+        authors: dict[str, User] = {}
+        for m in inserted:
+            # An empty name would erase a known one; the snapshot in the
+            # message row still has whatever was sent.
+            if m.username:
+                authors[m.user_id] = User(m.user_id, m.username, m.avatar_url)
         written = self._users.changed(authors.values())
         await self._write_users(conn, written)
         return outcomes, written
 
-    async def _append_request(
-        self, conn: AsyncConnection, groups: Sequence[ChannelAppend], now_ms: int
-    ) -> tuple[tuple[ChannelAppendResult, ...], list[NewMessage]]:
-        results = []
-        inserted: list[NewMessage] = []
-        for group in groups:
-            result, new = await self._append_group(conn, group, now_ms)
-            results.append(result)
-            inserted.extend(new)
-        return tuple(results), inserted
-
-    async def _append_group(
-        self, conn: AsyncConnection, group: ChannelAppend, now_ms: int
-    ) -> tuple[ChannelAppendResult, list[NewMessage]]:
-        cid = group.channel_id
-        stored = await self._stored_keys(conn, cid, group.messages)
-        fresh: dict[tuple[str, str], AppendResult] = {}
-        results: list[AppendResult] = []
-        rows: list[dict[str, Any]] = []
-        inserted: list[NewMessage] = []
-        seq = group.expected_last_seq
-        for m in group.messages:
-            key = (m.user_id, m.key)
-            if key in stored:
-                results.append(stored[key])
-            elif key in fresh:
-                results.append(replace(fresh[key], duplicate=True))
-            else:
-                seq += 1
-                ts = m.timestamp_ms if m.timestamp_ms > 0 else now_ms
-                fresh[key] = AppendResult(m.id, seq, ts)
-                results.append(fresh[key])
-                inserted.append(m)
-                rows.append(
-                    {
-                        "id": m.id,
-                        "channel_id": cid,
-                        "seq": seq,
-                        "user_id": m.user_id,
-                        "username": m.username,
-                        "content": m.content,
-                        "thread_id": m.thread_id or None,
-                        "client_msg_id": m.key,
-                        "created_at_ms": ts,
-                    }
-                )
-        # The fence, checked even when every message was a duplicate: a
-        # stale owner must learn that it is stale.
-        moved = await conn.execute(
-            update(ChannelRow)
-            .where(ChannelRow.id == cid, ChannelRow.last_seq == group.expected_last_seq)
-            .values(last_seq=seq)
-        )
-        if moved.rowcount != 1:
-            head = await conn.scalar(select(ChannelRow.last_seq).where(ChannelRow.id == cid))
-            return ChannelAppendResult(cid, AppendStatus.FENCED, int(head or 0)), []
-        if rows:
-            await conn.execute(insert(MessageRow), rows)
-        return ChannelAppendResult(cid, AppendStatus.OK, seq, tuple(results)), inserted
-
-    async def _stored_keys(
-        self, conn: AsyncConnection, channel_id: str, messages: Sequence[NewMessage]
-    ) -> dict[tuple[str, str], AppendResult]:
-        """The already stored messages among ``messages``, by idempotency key."""
-        if not messages:
-            return {}
-        wanted = {(m.user_id, m.key) for m in messages}
-        # Two IN lists walk the (channel_id, user_id, client_msg_id) index on
-        # both dialects; the cross product they admit is filtered below.
-        rows = await conn.execute(
-            select(
-                MessageRow.user_id,
-                MessageRow.client_msg_id,
-                MessageRow.id,
-                MessageRow.seq,
-                MessageRow.created_at_ms,
-            ).where(
-                MessageRow.channel_id == channel_id,
-                MessageRow.user_id.in_(sorted({u for u, _ in wanted})),
-                MessageRow.client_msg_id.in_(sorted({k for _, k in wanted})),
+    async def _write(
+        self,
+        conn: AsyncConnection,
+        requests: Sequence[Sequence[ChannelAppend]],
+        heads: dict[str, int],
+        now_ms: int,
+    ) -> _Plan:
+        """Append ``requests`` in order against ``heads`` (read under the lock)."""
+        keys = list(
+            dict.fromkeys(
+                (g.channel_id, m.user_id, m.key)
+                for groups in requests
+                for g in groups
+                for m in g.messages
             )
         )
-        found = {}
-        for user_id, key, mid, seq, ts in rows:
-            if (user_id, key) in wanted:
-                found[(user_id, key)] = AppendResult(mid, int(seq), int(ts), duplicate=True)
-        return found
-
-    async def _ensure_channels(
-        self, conn: AsyncConnection, channel_ids: Iterable[str], *, lock: bool = False
-    ) -> None:
-        ids = sorted(set(channel_ids))
-        if not ids:
-            return
-        await conn.execute(
-            self._upsert(ChannelRow)
-            .values([{"id": cid} for cid in ids])
-            .on_conflict_do_nothing(index_elements=[ChannelRow.id])
-        )
-        if lock and self._postgres:
-            # Take every channel row lock up front, in id order, so two
-            # store replicas committing overlapping channels cannot deadlock
-            # (SQLite has a single writer and needs none of this).
-            await conn.execute(
-                select(ChannelRow.id)
-                .where(ChannelRow.id.in_(ids))
-                .order_by(ChannelRow.id)
-                .with_for_update()
-            )
+        stored = await self._sql.stored(conn, keys) if keys else {}
+        plan = _plan(requests, heads, stored, now_ms)
+        if plan.moves:
+            # The fence itself: a compare-and-set of every moving head. The
+            # heads were read under the row locks (PostgreSQL) or SQLite's
+            # write lock, so every head should match; one that does not
+            # moved behind the lock's back, and its groups are refused.
+            moved = await self._sql.move_heads(conn, plan.moves)
+            stale = [cid for cid, _, _ in plan.moves if cid not in moved]
+            if stale:
+                log.warning("channel head moved under the commit", extra={"channels": len(stale)})
+                plan.fence(await self._sql.heads(conn, stale))
+        if plan.rows:
+            await self._sql.insert_messages(conn, plan.rows)
+        return plan
 
     async def _write_users(self, conn: AsyncConnection, users: Sequence[User]) -> None:
-        if not users:
-            return
-        stmt = self._upsert(UserRow).values(
-            [
-                {"id": u.id, "username": u.username, "avatar_url": u.avatar_url}
-                for u in sorted(users, key=lambda u: u.id)
-            ]
-        )
-        await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[UserRow.id],
-                set_={
-                    "username": stmt.excluded.username,
-                    "avatar_url": stmt.excluded.avatar_url,
-                    "updated_at": func.current_timestamp(),
-                },
+        if users:
+            await self._sql.upsert_users(
+                conn,
+                [(u.id, u.username, u.avatar_url) for u in sorted(users, key=lambda u: u.id)],
             )
-        )
 
     # --- reads ----------------------------------------------------------------
 
@@ -517,7 +557,7 @@ class Repository:
                 state = await self._channel_state(conn, channel_id, limit)
             if state is None:
                 async with self._writer.begin() as conn:
-                    await self._ensure_channels(conn, [channel_id])
+                    await self._sql.ensure_channels(conn, [channel_id])
                     state = await self._channel_state(conn, channel_id, limit)
         if state is None:  # pragma: no cover - the row was just inserted
             raise Unavailable("channel row vanished")

@@ -1,4 +1,4 @@
-"""``python -m store_service`` as a real process: readiness line, health, metrics, SIGTERM."""
+"""``python -m store_service`` as a real process (readiness line, health, metrics, SIGTERM); its loop."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from store_service import __main__ as store_main
 from store_service.migrate import NOT_MIGRATED
 from store_service.server import StartupError, start
 from tests.store_service.conftest import store_settings
 from tests.store_service.helpers import eventually
+from waddle_common import logs
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 30.0
@@ -139,3 +141,23 @@ async def test_start_reports_an_unreachable_database() -> None:
     # Port 1: nothing listens, the connection is refused at once.
     with pytest.raises(StartupError, match=r"^database unreachable"):
         await start(store_settings("postgresql+psycopg://postgres@127.0.0.1:1/test"))
+
+
+def test_main_runs_the_store_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    loops: list[str] = []
+
+    async def fake_serve(_settings: object) -> int:
+        loops.append(type(asyncio.get_running_loop()).__module__)
+        return 0
+
+    monkeypatch.setattr(store_main, "serve", fake_serve)
+    monkeypatch.setattr(logs, "setup", lambda *_args: None)
+    policy = asyncio.get_event_loop_policy()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            store_main.main()
+    finally:
+        # uvloop.install() swaps the process-wide policy; give pytest its own back.
+        asyncio.set_event_loop_policy(policy)
+    assert exited.value.code == 0
+    assert loops == ["uvloop"]
