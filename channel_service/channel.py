@@ -356,6 +356,8 @@ class Channel:
             kind = wire.EMPTY_MESSAGE
         elif len(pub.content) > max_length:
             kind = wire.MESSAGE_TOO_LONG
+        elif "\x00" in pub.content or "\x00" in pub.thread_id or "\x00" in pub.client_msg_id:
+            kind = wire.INVALID_FIELD
         if kind is not None or conn is None:
             refuse_publish(emit, edge_id, self.channel_id, pub, kind or wire.NOT_JOINED)
             return None

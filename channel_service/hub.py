@@ -27,6 +27,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import grpc
+
 from channel_service.channel import (
     Channel,
     ChannelPolicy,
@@ -387,6 +389,18 @@ class Hub:
         self._commit_wake.set()
 
     async def _commit_loop(self) -> None:
+        """Run commits forever: an unexpected error is logged, never fatal."""
+        while True:
+            try:
+                await self._commit_rounds()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("committer error; continuing")
+                await asyncio.sleep(self.config.retry_max)
+                self._commit_wake.set()
+
+    async def _commit_rounds(self) -> None:
         delay = self.config.retry_initial
         while True:
             await self._commit_wake.wait()
@@ -431,6 +445,21 @@ class Hub:
             log.warning("group commit failed", extra={"error": str(exc), "channels": len(work)})
             self._requeue_or_fail(work)
             return False
+        except grpc.aio.AioRpcError as exc:
+            # The store refused the batch as such (not a transient failure):
+            # retrying the same messages cannot succeed. Validation upstream
+            # should make this unreachable; settle the senders, never hang them.
+            log.error(
+                "store refused a group commit",
+                extra={"code": exc.code().name, "details": exc.details(), "channels": len(work)},
+            )
+            for channel, pendings in work:
+                self.metrics.publishes.labels("refused").inc(len(pendings))
+                for pending in pendings:
+                    refuse_publish(
+                        self, pending.edge_id, channel.channel_id, pending, wire.REJECTED
+                    )
+            return True
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(sum(len(p) for _, p in work))
         by_channel = {r.channel_id: r for r in response.channels}

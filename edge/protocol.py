@@ -68,6 +68,13 @@ def _field_error(detail: str) -> ProtocolError:
     return ProtocolError(wire.INVALID_FIELD, detail)
 
 
+def _no_nul(value: str, key: str) -> str:
+    # NUL cannot be stored in PostgreSQL text; refuse it everywhere alike.
+    if "\x00" in value:
+        raise _field_error(f"{key} must not contain NUL characters")
+    return value
+
+
 def _optional_short_str(data: dict[str, Any], key: str, limit: int) -> str | None:
     value = data.get(key)
     if value is None:
@@ -76,7 +83,7 @@ def _optional_short_str(data: dict[str, Any], key: str, limit: int) -> str | Non
         raise _field_error(f"{key} must be a string or null")
     if not 1 <= len(value) <= limit:
         raise _field_error(f"{key} must be 1 to {limit} characters")
-    return value
+    return _no_nul(value, key)
 
 
 def _parse_message(data: dict[str, Any], max_length: int) -> SendMessage:
@@ -88,7 +95,7 @@ def _parse_message(data: dict[str, Any], max_length: int) -> SendMessage:
     if len(content) > max_length:
         raise ProtocolError(wire.MESSAGE_TOO_LONG, f"at most {max_length} characters")
     return SendMessage(
-        content=content,
+        content=_no_nul(content, "content"),
         thread_id=_optional_short_str(data, "threadId", MAX_THREAD_ID_LENGTH),
         client_msg_id=_optional_short_str(data, "clientMsgId", MAX_CLIENT_MSG_ID_LENGTH),
     )
@@ -124,7 +131,7 @@ def _parse_sync(data: dict[str, Any]) -> Sync:
     if after_id is not None:
         if not isinstance(after_id, str) or not 1 <= len(after_id) <= MAX_MESSAGE_ID_LENGTH:
             raise _field_error(f"afterMessageId must be a string of 1 to {MAX_MESSAGE_ID_LENGTH}")
-        return Sync(after_message_id=after_id)
+        return Sync(after_message_id=_no_nul(after_id, "afterMessageId"))
     raise _field_error("sync needs afterSeq or afterMessageId")
 
 

@@ -215,11 +215,6 @@ class ShardLink:
 
     def _dispatch(self, batch: channel_pb2.ShardBatch) -> None:
         local = self.local
-        with local.corked():
-            self._dispatch_events(batch)
-
-    def _dispatch_events(self, batch: channel_pb2.ShardBatch) -> None:
-        local = self.local
         for event in batch.events:
             kind = event.WhichOneof("kind")
             if kind == "deliver":

@@ -39,6 +39,7 @@ SYNC_IN_PROGRESS = ErrorKind("sync_in_progress", "Sync already in progress")
 NOT_JOINED = ErrorKind("not_joined", "Not joined to this channel", retryable=True)
 UNAVAILABLE = ErrorKind("unavailable", "Channel temporarily unavailable", retryable=True)
 RATE_LIMITED = ErrorKind("rate_limited", "Rate limited", retryable=True)
+REJECTED = ErrorKind("rejected", "Message could not be stored")
 
 ERRORS: tuple[ErrorKind, ...] = (
     INVALID_FORMAT,
@@ -53,6 +54,7 @@ ERRORS: tuple[ErrorKind, ...] = (
     NOT_JOINED,
     UNAVAILABLE,
     RATE_LIMITED,
+    REJECTED,
 )
 ERRORS_BY_CODE: Mapping[str, ErrorKind] = {e.code: e for e in ERRORS}
 

@@ -181,6 +181,8 @@ def test_big_channels_cap_online_users_and_stop_announcing_joins() -> None:
     assert rec.types() == ["user_connected"] * 4
     state = orjson.loads(rec.results[-1][1].initial_state)
     assert state["onlineCount"] == 5
-    assert [u["userId"] for u in state["onlineUsers"]] == ["late", "u0", "u1"], "joiner first, capped at 3"
+    assert [u["userId"] for u in state["onlineUsers"]] == ["late", "u0", "u1"], (
+        "joiner first, capped at 3"
+    )
     ch.leave("e1", 0, rec)  # 4 connections left: announced again
     assert rec.types()[-1] == "user_disconnected"

@@ -4,6 +4,7 @@ back while joining or syncing, gaps detected, slow consumers handled."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -62,9 +63,14 @@ def deliver(
     )
 
 
+def immediately(delay: float, callback: Callable[[], None]) -> None:
+    callback()
+
+
 @pytest.fixture
 def local() -> LocalChannels:
-    return LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=100, max_held=5))
+    """Flushes at once: each write is visible right away."""
+    return LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=100, max_held=5), immediately)
 
 
 def test_in_order_exactly_once(local: LocalChannels) -> None:
@@ -141,14 +147,32 @@ def test_too_many_held_frames_close_the_connection(local: LocalChannels) -> None
     assert conn.state is State.CLOSED and len(conn.held) == 5
 
 
-def test_corked_batch_is_one_write_per_socket_in_order(local: LocalChannels) -> None:
+def test_writes_of_one_turn_are_one_write_per_socket_in_order() -> None:
+    scheduled: list[tuple[float, Callable[[], None]]] = []
+    local = LocalChannels(
+        EdgeMetrics(), Limits(send_buffer_bytes=100), lambda d, cb: scheduled.append((d, cb))
+    )
     conn, t = live_conn(local, 1, "a")
-    with local.corked():
-        for seq in (1, 2, 3):
-            local.deliver(deliver(seq))
-        conn.send(b'{"type":"ack"}', local.metrics, local.limits, "ack")
-        assert t.chunks == [], "nothing is written while corked"
+    for seq in (1, 2, 3):
+        local.deliver(deliver(seq))
+    conn.send(b'{"type":"ack"}', local.metrics, local.limits, "ack")
+    assert t.chunks == [], "nothing is written before the flush"
+    assert len(scheduled) == 1 and scheduled[0][0] == 0.0, "one flush, right after this turn"
+    scheduled.pop()[1]()
     expected = b"".join(text_frame(f'{{"seq":{s}}}'.encode()) for s in (1, 2, 3))
     assert t.chunks == [expected + text_frame(b'{"type":"ack"}')]
-    local.deliver(deliver(4))  # uncorked again: written at once
-    assert len(t.chunks) == 2
+
+
+def test_a_busy_edge_flushes_later_to_batch_more() -> None:
+    scheduled: list[tuple[float, Callable[[], None]]] = []
+    local = LocalChannels(
+        EdgeMetrics(), Limits(send_buffer_bytes=100), lambda d, cb: scheduled.append((d, cb))
+    )
+    live_conn(local, 1, "a")
+    local.cork.last_cost = 0.003  # the last flush took 3 ms
+    local.deliver(deliver(1))
+    assert scheduled[0][0] == 0.003
+    scheduled.pop()[1]()
+    local.cork.last_cost = 0.5
+    local.deliver(deliver(2))
+    assert scheduled[0][0] == local.cork.MAX_DELAY

@@ -106,3 +106,17 @@ def test_frame_type_names() -> None:
         "sync",
         "ping",
     ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"message","content":"a\\u0000b"}',
+        '{"type":"message","content":"a","threadId":"t\\u0000"}',
+        '{"type":"message","content":"a","clientMsgId":"\\u0000"}',
+        '{"type":"sync","afterMessageId":"x\\u0000"}',
+    ],
+)
+def test_nul_is_refused_in_every_string_field(text: str) -> None:
+    err = refused(text)
+    assert err.kind is wire.INVALID_FIELD and "NUL" in (err.detail or "")
