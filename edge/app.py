@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge import protocol
@@ -183,26 +183,29 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     link = runtime.router.link_for(channel_id)
     runtime.local.add(conn)
 
-    def forget() -> None:
-        link.leave(conn)
-        runtime.local.remove(conn)
-
     try:
         result = await asyncio.wait_for(link.join(conn), settings.join_timeout_seconds)
     except TimeoutError:
-        forget()
+        link.leave(conn)
+        runtime.local.remove(conn)
         return _refuse(runtime, 503, "Channel unavailable", "unavailable", retry=True)
     except BaseException:
-        forget()
+        link.leave(conn)
+        runtime.local.remove(conn)
         raise
     if not result.ok:
-        forget()
+        link.leave(conn)
+        runtime.local.remove(conn)
         if result.refusal == "channel_full":
             return _refuse(runtime, 503, "Channel full", "channel_full", retry=True)
         if result.refusal == "user_limit":
             return _refuse(runtime, 429, "Too many connections", "user_limit", retry=True)
         return _refuse(runtime, 503, "Channel unavailable", "unavailable", retry=True)
     conn.cursor = conn.floor = result.last_seq
+    # This frame lives as long as the connection: keep nothing big in it
+    # (the JoinResult carries the whole initial_state).
+    initial_state = result.initial_state
+    del result, token
 
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
@@ -213,7 +216,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     try:
         await ws.prepare(request)
     except BaseException:
-        forget()
+        link.leave(conn)
+        runtime.local.remove(conn)
         raise
 
     conn.ws = ws
@@ -225,9 +229,18 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     )
     runtime.expiry.watch(conn)
     try:
-        conn.send(result.initial_state, runtime.metrics, runtime.local.limits, "initial_state")
+        conn.send(initial_state, runtime.metrics, runtime.local.limits, "initial_state")
+        del initial_state
         runtime.local.activate(conn)
-        await _serve(runtime, conn, ws, link)
+        # Budgets are made on the first frame: a silent connection costs none.
+        budget: ConnectionBudget | None = None
+        async for msg in ws:
+            if conn.state is State.CLOSED:
+                break
+            if budget is None:
+                budget = ConnectionBudget.create(runtime.rates, asyncio.get_running_loop().time())
+            if not _on_frame(runtime, conn, link, budget, msg):
+                break
     finally:
         if conn.close_code is not None and not ws.closed:
             # Closed by policy from inside the handler: send that code, not 1000.
@@ -250,97 +263,104 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _serve(
-    runtime: EdgeRuntime, conn: Connection, ws: web.WebSocketResponse, link: ShardLink
-) -> None:
-    metrics, limits = runtime.metrics, runtime.local.limits
-    max_len = runtime.settings.max_message_length
-    clock = asyncio.get_running_loop().time
-    budget = ConnectionBudget.create(runtime.rates, clock())
-
-    def refuse(payload: bytes) -> bool:
-        """Send an error; return False once the connection must be closed for abuse."""
-        conn.send(payload, metrics, limits, "error")
-        if budget.strike(clock()):
-            metrics.refusals.labels("abuse").inc()
-            log.info(
-                "closing abusive connection",
-                extra={"channel_id": conn.channel_id, "user_id": conn.identity.user_id},
-            )
-            conn.close(wire.CLOSE_POLICY, "too many refused frames")
-            return False
-        return True
-
-    def rate_limited(wait: float, client_msg_id: str | None, *, abuse: bool) -> bool:
-        """Refuse an over-budget frame. Going over the message or typing budget
-        is ordinary back-pressure (a client flushing its queue after a
-        reconnect); going over the budget for all frames is abuse."""
-        metrics.frames_in.labels("rate_limited").inc()
-        payload = wire.error_frame(
-            wire.RATE_LIMITED,
-            retryAfterMs=max(1, math.ceil(wait * 1000)),
-            clientMsgId=client_msg_id,
+def _refuse_frame(
+    runtime: EdgeRuntime, conn: Connection, budget: ConnectionBudget, payload: bytes
+) -> bool:
+    """Send an error; return False once the connection must be closed for abuse."""
+    conn.send(payload, runtime.metrics, runtime.local.limits, "error")
+    if budget.strike(asyncio.get_running_loop().time()):
+        runtime.metrics.refusals.labels("abuse").inc()
+        log.info(
+            "closing abusive connection",
+            extra={"channel_id": conn.channel_id, "user_id": conn.identity.user_id},
         )
-        if abuse:
-            return refuse(payload)
-        conn.send(payload, metrics, limits, "error")
-        return True
+        conn.close(wire.CLOSE_POLICY, "too many refused frames")
+        return False
+    return True
 
-    async for msg in ws:
-        if conn.state is State.CLOSED:
-            break
-        if msg.type is WSMsgType.TEXT:
-            try:
-                frame = protocol.parse_client_frame(msg.data, max_message_length=max_len)
-            except protocol.ProtocolError as exc:
-                metrics.frames_in.labels("invalid").inc()
-                if not refuse(exc.frame()):
-                    break
-                continue
-            wait = budget.frames.take(clock())
+
+def _rate_limited(
+    runtime: EdgeRuntime,
+    conn: Connection,
+    budget: ConnectionBudget,
+    wait: float,
+    client_msg_id: str | None,
+    *,
+    abuse: bool,
+) -> bool:
+    """Refuse an over-budget frame. Going over the message or typing budget
+    is ordinary back-pressure (a client flushing its queue after a
+    reconnect); going over the budget for all frames is abuse."""
+    runtime.metrics.frames_in.labels("rate_limited").inc()
+    payload = wire.error_frame(
+        wire.RATE_LIMITED, retryAfterMs=max(1, math.ceil(wait * 1000)), clientMsgId=client_msg_id
+    )
+    if abuse:
+        return _refuse_frame(runtime, conn, budget, payload)
+    conn.send(payload, runtime.metrics, runtime.local.limits, "error")
+    return True
+
+
+def _on_frame(
+    runtime: EdgeRuntime,
+    conn: Connection,
+    link: ShardLink,
+    budget: ConnectionBudget,
+    msg: WSMessage,
+) -> bool:
+    """Handle one client frame; return False when the connection must end.
+
+    Synchronous on purpose: nothing here waits, and an idle connection then
+    costs one coroutine frame (the handler's), not a stack of them."""
+    metrics, limits = runtime.metrics, runtime.local.limits
+    now = asyncio.get_running_loop().time()
+    if msg.type is WSMsgType.BINARY:
+        metrics.frames_in.labels("binary").inc()
+        return _refuse_frame(runtime, conn, budget, wire.error_frame(wire.BINARY_UNSUPPORTED))
+    if msg.type is not WSMsgType.TEXT:
+        return msg.type is not WSMsgType.ERROR
+    try:
+        frame = protocol.parse_client_frame(
+            msg.data, max_message_length=runtime.settings.max_message_length
+        )
+    except protocol.ProtocolError as exc:
+        metrics.frames_in.labels("invalid").inc()
+        return _refuse_frame(runtime, conn, budget, exc.frame())
+    wait = budget.frames.take(now)
+    if wait:
+        cmid = frame.client_msg_id if isinstance(frame, protocol.SendMessage) else None
+        return _rate_limited(runtime, conn, budget, wait, cmid, abuse=True)
+    metrics.frames_in.labels(protocol.frame_type(frame)).inc()
+    match frame:
+        case protocol.Ping():
+            conn.send(wire.PONG_FRAME, metrics, limits, "pong")
+        case protocol.SendMessage(content=content, thread_id=thread_id, client_msg_id=cmid):
+            wait = budget.messages.take(now)
             if wait:
-                cmid = frame.client_msg_id if isinstance(frame, protocol.SendMessage) else None
-                if not rate_limited(wait, cmid, abuse=True):
-                    break
-                continue
-            metrics.frames_in.labels(protocol.frame_type(frame)).inc()
-            match frame:
-                case protocol.Ping():
-                    conn.send(wire.PONG_FRAME, metrics, limits, "pong")
-                case protocol.SendMessage(content=content, thread_id=thread_id, client_msg_id=cmid):
-                    wait = budget.messages.take(clock())
-                    if wait:
-                        rate_limited(wait, cmid, abuse=False)
-                        continue
-                    link.publish(
-                        conn,
-                        channel_pb2.Publish(
-                            conn_id=conn.id,
-                            channel_id=conn.channel_id,
-                            content=content,
-                            thread_id=thread_id or "",
-                            client_msg_id=cmid or str(uuid.uuid4()),
-                            client_supplied_id=cmid is not None,
-                            received_at_ns=time.time_ns(),
-                        ),
-                    )
-                case protocol.SetTyping(is_typing=is_typing):
-                    wait = budget.typing.take(clock())
-                    if wait:
-                        rate_limited(wait, None, abuse=False)
-                        continue
-                    link.typing(conn, is_typing)
-                case protocol.SetPresence(status=status):
-                    conn.status = status
-                    link.presence(conn, status)
-                case protocol.Sync():
-                    runtime.replayer.client_sync(conn, frame)
-        elif msg.type is WSMsgType.BINARY:
-            metrics.frames_in.labels("binary").inc()
-            if not refuse(wire.error_frame(wire.BINARY_UNSUPPORTED)):
-                break
-        elif msg.type is WSMsgType.ERROR:
-            break
+                return _rate_limited(runtime, conn, budget, wait, cmid, abuse=False)
+            link.publish(
+                conn,
+                channel_pb2.Publish(
+                    conn_id=conn.id,
+                    channel_id=conn.channel_id,
+                    content=content,
+                    thread_id=thread_id or "",
+                    client_msg_id=cmid or str(uuid.uuid4()),
+                    client_supplied_id=cmid is not None,
+                    received_at_ns=time.time_ns(),
+                ),
+            )
+        case protocol.SetTyping(is_typing=is_typing):
+            wait = budget.typing.take(now)
+            if wait:
+                return _rate_limited(runtime, conn, budget, wait, None, abuse=False)
+            link.typing(conn, is_typing)
+        case protocol.SetPresence(status=status):
+            conn.status = status
+            link.presence(conn, status)
+        case protocol.Sync():
+            runtime.replayer.client_sync(conn, frame)
+    return True
 
 
 def origin_allowed(request: web.Request, allowed: Sequence[str]) -> bool:

@@ -19,6 +19,11 @@ import jwt
 SUBPROTOCOL = "waddle.v1"
 _BEARER_PROTOCOL_PREFIX = "bearer."
 KNOWN_PERMISSIONS = frozenset({"read", "write"})
+# One shared set object per combination: every connection keeps its
+# identity for its whole life, and a fresh frozenset each costs ~200 bytes.
+_PERMISSION_SETS = {
+    s: s for s in (frozenset(), frozenset({"read"}), frozenset({"write"}), KNOWN_PERMISSIONS)
+}
 
 
 class AuthError(Exception):
@@ -145,7 +150,7 @@ def identity_from_claims(claims: Mapping[str, Any]) -> Identity:
     return Identity(
         user_id=sub,
         username=username.strip(),
-        permissions=frozenset(perms) & KNOWN_PERMISSIONS,
+        permissions=_PERMISSION_SETS[frozenset(perms) & KNOWN_PERMISSIONS],
         avatar_url=avatar,
         channels=frozenset(channels) if channels is not None else None,
         expires_at=float(claims["exp"]),

@@ -14,9 +14,9 @@ replaying, sequenced frames are held back and released in order afterwards.
 
 Writes are corked: a socket collects its frames and gets them in one write
 when the cork is flushed, right after the current loop turn - or, when the
-edge is busy, a little later (as long as the last flush took, at most 5 ms),
-so a loaded edge makes fewer, larger writes instead of one system call per
-frame per socket. Only what a socket leaves unsent counts against its
+edge is flushing back to back, a little later (as long as the last flush
+took, at most 5 ms), so a loaded edge makes fewer, larger writes instead of
+one system call per frame per socket. Only what a socket leaves unsent counts against its
 bounded outgoing buffer (``send_buffer_bytes``): over it an ephemeral frame
 (typing, presence) is dropped and a chat message closes the socket with
 1013, so one slow phone never delays the others.
@@ -66,10 +66,15 @@ def loop_scheduler(delay: float, callback: Callable[[], None]) -> object:
 
 
 class Cork:
-    """Shared by an edge's connections: collects writes until the next flush."""
+    """Shared by an edge's connections: collects writes until the next flush.
 
-    # Flushing slower than this means the edge is busy: let frames pile up.
-    BUSY_FLUSH = 0.001
+    A flush normally runs right after the current loop turn. When flushes
+    come back to back (the edge spent less time idle since the last one
+    than that flush took), the next one waits as long as the last took, at
+    most ``MAX_DELAY``: under load each socket gets several frames per
+    write, and with sparse traffic nothing waits.
+    """
+
     MAX_DELAY = 0.005
 
     def __init__(self, schedule: Scheduler = loop_scheduler) -> None:
@@ -77,13 +82,14 @@ class Cork:
         self.dirty: list[Connection] = []
         self.scheduled = False
         self.last_cost = 0.0
+        self.last_end = 0.0
 
     def add(self, conn: Connection) -> None:
         self.dirty.append(conn)
         if not self.scheduled:
             self.scheduled = True
-            delay = min(self.last_cost, self.MAX_DELAY) if self.last_cost > self.BUSY_FLUSH else 0.0
-            self._schedule(delay, self.flush)
+            busy = time.perf_counter() - self.last_end < self.last_cost
+            self._schedule(min(self.last_cost, self.MAX_DELAY) if busy else 0.0, self.flush)
 
     def flush(self) -> None:
         started = time.perf_counter()
@@ -91,7 +97,8 @@ class Cork:
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
             conn.flush()
-        self.last_cost = time.perf_counter() - started
+        self.last_end = time.perf_counter()
+        self.last_cost = self.last_end - started
 
 
 @dataclass(eq=False, slots=True)

@@ -4,6 +4,7 @@ back while joining or syncing, gaps detected, slow consumers handled."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import pytest
@@ -169,10 +170,17 @@ def test_a_busy_edge_flushes_later_to_batch_more() -> None:
         EdgeMetrics(), Limits(send_buffer_bytes=100), lambda d, cb: scheduled.append((d, cb))
     )
     live_conn(local, 1, "a")
-    local.cork.last_cost = 0.003  # the last flush took 3 ms
+    cork = local.cork
+    # Sparse traffic: the last flush (3 ms) ended long ago: flush at once.
+    cork.last_cost, cork.last_end = 0.003, time.perf_counter() - 10
     local.deliver(deliver(1))
-    assert scheduled[0][0] == 0.003
+    assert scheduled[0][0] == 0.0
     scheduled.pop()[1]()
-    local.cork.last_cost = 0.5
+    # Back to back: the last flush took longer than the idle time since.
+    cork.last_cost, cork.last_end = 0.003, time.perf_counter()
     local.deliver(deliver(2))
-    assert scheduled[0][0] == local.cork.MAX_DELAY
+    assert 0 < scheduled[0][0] <= 0.003
+    scheduled.pop()[1]()
+    cork.last_cost, cork.last_end = 0.5, time.perf_counter()
+    local.deliver(deliver(3))
+    assert scheduled[0][0] == cork.MAX_DELAY
