@@ -21,7 +21,7 @@ from channel_service.hub import Hub, HubConfig
 from channel_service.metrics import ChannelMetrics
 from waddle_common import logs
 from waddle_common.grpc_tls import GrpcTls, bind
-from waddle_common.grpc_util import ClientMetricsInterceptor, channel_options, server_options
+from waddle_common.grpc_util import server_options
 from waddle_common.ops_http import start_ops_server
 from waddle_common.settings import Settings
 from waddle_common.store_client import StoreClient
@@ -75,13 +75,7 @@ class ChannelServicer(channel_pb2_grpc.ChannelServiceServicer):
 async def serve(settings: Settings) -> None:
     metrics = ChannelMetrics()
     tls = GrpcTls.from_settings(settings)
-    store = StoreClient(
-        settings.store_address,
-        timeout=settings.store_timeout_seconds,
-        options=channel_options(),
-        interceptors=[ClientMetricsInterceptor(metrics.registry)],
-        tls=tls,
-    )
+    store = StoreClient.from_settings(settings, registry=metrics.registry, tls=tls)
     hub = Hub(
         HubConfig(
             default_max_connections=settings.channel_max_connections,

@@ -34,7 +34,7 @@ from edge.replay import Replayer
 from edge.shards import ShardLink, ShardRouter
 from waddle_common import wire
 from waddle_common.grpc_tls import GrpcTls
-from waddle_common.grpc_util import ClientMetricsInterceptor, channel_options
+from waddle_common.grpc_util import channel_options
 from waddle_common.settings import Settings
 from waddle_common.store_client import StoreClient
 from waddle_pb import channel_pb2
@@ -73,13 +73,7 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = EdgeMetrics()
     local = LocalChannels(metrics, Limits(send_buffer_bytes=settings.send_buffer_bytes))
     tls = GrpcTls.from_settings(settings)
-    store = StoreClient(
-        settings.store_address,
-        timeout=settings.store_timeout_seconds,
-        options=channel_options(),
-        interceptors=[ClientMetricsInterceptor(metrics.registry)],
-        tls=tls,
-    )
+    store = StoreClient.from_settings(settings, registry=metrics.registry, tls=tls)
     router = ShardRouter(
         settings.shard_list,
         settings.edge_id,

@@ -10,9 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from waddle_common import wire
 from waddle_common.grpc_tls import GrpcTls, open_channel
+from waddle_common.grpc_util import ClientMetricsInterceptor, channel_options
+from waddle_common.settings import Settings
 from waddle_pb import store_pb2, store_pb2_grpc
 
 # Codes after which the same request may succeed later.
@@ -67,6 +70,20 @@ class StoreClient:
             address, tls or GrpcTls(), options=options or [], interceptors=interceptors
         )
         self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, registry: CollectorRegistry, tls: GrpcTls
+    ) -> StoreClient:
+        """The store client every service builds: configured address, deadline,
+        shared channel options, per-method latency into ``registry``."""
+        return cls(
+            settings.store_address,
+            timeout=settings.store_timeout_seconds,
+            options=channel_options(),
+            interceptors=[ClientMetricsInterceptor(registry)],
+            tls=tls,
+        )
 
     async def close(self) -> None:
         await self._channel.close()
