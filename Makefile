@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/waddle_pb/*.proto)
 
-export WADDLE_JWT_SECRET ?= dev-secret-change-me
+export WADDLE_JWT_SECRET ?= dev-secret-change-me-0123456789abcdef
 export PYTHONUNBUFFERED := 1
 
 .PHONY: all venv protos run test lint typecheck bench up down image clean migrate

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+
+log = logging.getLogger("edge.auth")
 
 SUBPROTOCOL = "waddle.v1"
 _BEARER_PROTOCOL_PREFIX = "bearer."
@@ -85,6 +88,9 @@ class TokenVerifier:
             raise ValueError("WADDLE_JWT_SECRET is not set: the edge cannot verify HS tokens")
         if self._asym and not jwks_url:
             raise ValueError("WADDLE_JWT_JWKS_URL is needed for RS/ES/PS algorithms")
+        if self._hmac and len(secret.encode()) < 32:
+            # RFC 7518 3.2: an HMAC key shorter than the hash is guessable.
+            log.warning("WADDLE_JWT_SECRET is shorter than 32 bytes; use a longer random key")
         self._secret = secret
         self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300) if jwks_url else None
         self._audience = audience or None

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edge.auth import AuthError, TokenVerifier, extract_token
 
-SECRET = "unit-test-secret-0123456789abcdef"
+SECRET = "unit-test-secret-" + "0123456789abcdef" * 4
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
@@ -66,7 +66,7 @@ async def test_unknown_permissions_are_ignored() -> None:
         pytest.param(lambda: hs(exp=None), id="missing-exp"),
         pytest.param(lambda: hs(sub=""), id="empty-sub"),
         pytest.param(lambda: hs(permissions="read"), id="permissions-not-list"),
-        pytest.param(lambda: jwt.encode(claims(), "another-secret-0123456789abcdef", algorithm="HS256"), id="bad-signature"),
+        pytest.param(lambda: jwt.encode(claims(), "another-secret-0123456789abcdef-0123456789abcdef", algorithm="HS256"), id="bad-signature"),
         pytest.param(lambda: hs()[:-3] + "AAA", id="tampered"),
         pytest.param(
             lambda: b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
