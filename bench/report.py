@@ -436,6 +436,17 @@ def profile_markdown(role: str, summary: dict[str, Any]) -> str:
     )
 
 
+def _save(fig: Any, path: Path | None, written: list[Path]) -> None:
+    """Write ``fig`` to ``path`` (when it has something to show) and free it."""
+    import matplotlib.pyplot as plt
+
+    if path is not None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    plt.close(fig)
+
+
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
     """PNG plots; returns the files written (none when matplotlib is missing)."""
     try:
@@ -479,11 +490,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title("Fanout: time until every member has a message")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-        path = out / "fanout.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    plt.close(fig)
+    _save(fig, out / "fanout.png" if drew else None, written)
 
     # Fanout N=1000: delivery latency CDF.
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -503,11 +510,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title("Fanout N=1000: per-delivery latency CDF")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        path = out / "fanout_cdf_1000.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    plt.close(fig)
+    _save(fig, out / "fanout_cdf_1000.png" if drew else None, written)
 
     # Throughput ramp: all-members p99 against deliveries/s.
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -532,11 +535,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(f"Throughput ramp, N = {results['config']['throughput_members']}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        path = out / "throughput.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    plt.close(fig)
+    _save(fig, out / "throughput.png" if drew else None, written)
 
     # Connect rate and idle memory.
     names = [n for n, p in systems.items() if (p.get("connect") or {}).get("idle")]
@@ -552,9 +551,5 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         for a in (ax1, ax2):
             a.tick_params(axis="x", labelsize=7, rotation=15)
             a.grid(True, axis="y", alpha=0.3)
-        path = out / "connect_idle.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        written.append(path)
-        plt.close(fig)
+        _save(fig, out / "connect_idle.png", written)
     return written

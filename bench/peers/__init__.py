@@ -14,7 +14,34 @@ starts them all the same way.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+
 import orjson
+from aiohttp import web
+
+
+async def serve_app(app: web.Application) -> None:
+    """Serve ``app`` on ``BENCH_PORT`` (0: any), announce the port, stop on SIGTERM/SIGINT."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", int(os.environ.get("BENCH_PORT", "0")), backlog=4096)
+    await site.start()
+    announce_ready(int(runner.addresses[0][1]))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def run(app: web.Application) -> None:
+    """A peer's process entry: ``app`` on uvloop, like Waddle's services."""
+    import uvloop
+
+    uvloop.run(serve_app(app))
 
 
 def announce_ready(port: int) -> None:

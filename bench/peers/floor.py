@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import signal
 import struct
 import time
 
 import orjson
 from aiohttp import WSMsgType, web
 
-from bench.peers import announce_ready, message_body
+from bench.peers import message_body, run
 
 members: dict[str, dict[int, asyncio.Transport]] = {}
 seqs: dict[str, int] = {}
@@ -91,27 +89,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def serve() -> None:
+def main() -> None:
     app = web.Application()
     app.router.add_get("/channel/{channel_id}/websocket", websocket)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", int(os.environ.get("BENCH_PORT", "0")), backlog=4096)
-    await site.start()
-    port = int(runner.addresses[0][1])
-    announce_ready(port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-
-
-def main() -> None:
-    import uvloop
-
-    uvloop.run(serve())
+    run(app)
 
 
 if __name__ == "__main__":

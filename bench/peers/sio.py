@@ -14,16 +14,14 @@ Environment: ``BENCH_PORT`` (default 0), ``BENCH_REDIS_URL`` (default
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 import time
 from typing import Any
 
 import socketio  # type: ignore[import-untyped]
 from aiohttp import web
 
-from bench.peers import announce_ready, message_body
+from bench.peers import message_body, run
 
 mgr = socketio.AsyncRedisManager(
     os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -86,27 +84,10 @@ sio.on("disconnect", disconnect)
 sio.on("message", message)
 
 
-async def serve() -> None:
+def main() -> None:
     app = web.Application()
     sio.attach(app)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", int(os.environ.get("BENCH_PORT", "0")), backlog=4096)
-    await site.start()
-    port = int(runner.addresses[0][1])
-    announce_ready(port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-
-
-def main() -> None:
-    import uvloop
-
-    uvloop.run(serve())
+    run(app)
 
 
 if __name__ == "__main__":
