@@ -110,6 +110,7 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         expiry=ExpiryWatch(metrics, live=lambda: len(local)),
     )
     metrics.connections.set_function(lambda: len(local))
+    router.warm_up()
     app[RUNTIME] = runtime
     yield
     await drain(runtime, 0)

@@ -289,6 +289,12 @@ class ShardRouter:
             for address in self.shards
         }
 
+    def warm_up(self) -> None:
+        """Start connecting to every shard now, so readiness does not wait
+        for the first client (streams themselves still open lazily)."""
+        for ch in self.channels.values():
+            ch.get_state(try_to_connect=True)
+
     def link_for(self, channel_id: str) -> ShardLink:
         return self.links[owner_of(channel_id, self.shards)]
 

@@ -3,6 +3,7 @@ fan-out across edges, and the production defaults (no development routes)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -70,3 +71,21 @@ async def test_dev_token_route_absent_without_dev_mode(
 ) -> None:
     async with http.post(cluster.http_url("/dev/token"), json={"username": "x"}) as resp:
         assert resp.status == 404
+
+
+async def test_fresh_edge_becomes_ready_without_any_client(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    async with (
+        start_stack(tmp_path_factory.mktemp("ready"), shards=2) as stack,
+        aiohttp.ClientSession() as http,
+    ):
+        status = 0
+        async with asyncio.timeout(15):
+            while status != 200:  # readiness follows the gRPC channels' state
+                async with http.get(stack.http_url("/readyz")) as resp:
+                    status = resp.status
+                if status != 200:
+                    await asyncio.sleep(0.1)
+        async with http.get(stack.http_url("/metrics")) as resp:
+            assert "waddle_edge_shard_streams 0.0" in await resp.text(), "streams still lazy"
