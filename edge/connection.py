@@ -233,7 +233,9 @@ class LocalChannels:
             if dropped:
                 metrics.dropped_frames.labels(d.type or "ephemeral").inc(dropped)
         else:
-            for conn in list(members.values()):
+            # No copy of the members: nothing below removes a connection now
+            # (closing and gap filling only schedule work for later).
+            for conn in members.values():
                 if exclude and conn.identity.user_id == exclude:
                     continue
                 if conn.state is not State.LIVE:
