@@ -6,11 +6,12 @@ overhead, far more than a row inside a statement does, so every step of a
 commit is ONE statement for all of its channel groups (``Repository``
 decides fencing, numbering and duplicates in Python in between):
 
-* ``ensure_channels``: create the missing channel rows;
-* ``lock_heads``: the current ``last_seq`` of every channel (PostgreSQL also
-  takes the row locks, in id order);
+* ``lock_heads``: the current ``last_seq`` of every existing channel
+  (PostgreSQL also takes the row locks, in id order);
 * ``stored``: which idempotency keys are already stored;
 * ``move_heads``: the compare-and-set of every moving head;
+* ``create_channels``: the rows of channels getting their first messages
+  (a channel has no row until then: loading or reading one writes nothing);
 * ``insert_messages``: every new message;
 * ``upsert_users``: every changed author profile.
 
@@ -40,6 +41,9 @@ StoredRef = tuple[str, int, int]
 HeadMove = tuple[str, int, int]
 """(channel_id, expected last_seq, new last_seq)."""
 
+NewHead = tuple[str, int]
+"""(channel_id, last_seq) of a channel row to create."""
+
 MessageValues = tuple[str, str, int, str, str, str, str | None, str, int]
 """A messages row: id, channel_id, seq, user_id, username, content, thread_id,
 client_msg_id, created_at_ms."""
@@ -63,10 +67,6 @@ class BatchSQL(ABC):
     """
 
     @abstractmethod
-    async def ensure_channels(self, conn: AsyncConnection, ids: Sequence[str]) -> None:
-        """Insert the channel rows that do not exist yet. ``ids``: distinct, sorted."""
-
-    @abstractmethod
     async def lock_heads(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, int]:
         """``last_seq`` of each existing channel in ``ids``, held still until commit."""
 
@@ -88,6 +88,14 @@ class BatchSQL(ABC):
         """
 
     @abstractmethod
+    async def create_channels(self, conn: AsyncConnection, rows: Sequence[NewHead]) -> set[str]:
+        """Insert each channel row at its head unless it exists; return the ids inserted.
+
+        ``rows``: distinct ids, sorted (so replicas wait on each other's new
+        rows in one order). A row that exists already is left untouched.
+        """
+
+    @abstractmethod
     async def insert_messages(self, conn: AsyncConnection, rows: Sequence[MessageValues]) -> None:
         """Insert ``rows`` into ``messages``."""
 
@@ -105,15 +113,17 @@ def for_dialect(name: str) -> BatchSQL:
     raise ValueError(f"unsupported database dialect: {name}")
 
 
-def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+def pg_columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     """Rows to one list per column (PostgreSQL's array parameters)."""
     return [[row[i] for row in rows] for i in range(width)]
 
 
 # --- PostgreSQL ---------------------------------------------------------------------
 
-_PG_ENSURE = text(
-    "INSERT INTO channels (id) SELECT unnest(CAST(:ids AS text[])) ON CONFLICT (id) DO NOTHING"
+_PG_CREATE = text(
+    "INSERT INTO channels (id, last_seq)"
+    " SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:heads AS bigint[]))"
+    " ON CONFLICT (id) DO NOTHING RETURNING id"
 )
 # ORDER BY under FOR UPDATE locks in id order, so two store replicas
 # committing overlapping channels cannot deadlock.
@@ -165,9 +175,6 @@ _MESSAGE_PARAMS = (
 class PostgresBatchSQL(BatchSQL):
     """psycopg 3: one statement per step, whatever the batch size."""
 
-    async def ensure_channels(self, conn: AsyncConnection, ids: Sequence[str]) -> None:
-        await conn.execute(_PG_ENSURE, {"ids": list(ids)})
-
     async def lock_heads(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, int]:
         rows = await conn.execute(_PG_LOCK_HEADS, {"ids": list(ids)})
         return {cid: int(seq) for cid, seq in rows}
@@ -179,31 +186,35 @@ class PostgresBatchSQL(BatchSQL):
     async def stored(
         self, conn: AsyncConnection, keys: Sequence[MessageKey]
     ) -> dict[MessageKey, StoredRef]:
-        channels, users, client_keys = _columns(keys, 3)
+        channels, users, client_keys = pg_columns(keys, 3)
         rows = await conn.execute(
             _PG_STORED, {"channels": channels, "users": users, "keys": client_keys}
         )
         return {(c, u, k): (mid, int(seq), int(ts)) for c, u, k, mid, seq, ts in rows}
 
     async def move_heads(self, conn: AsyncConnection, moves: Sequence[HeadMove]) -> set[str]:
-        ids, expected, heads = _columns(moves, 3)
+        ids, expected, heads = pg_columns(moves, 3)
         rows = await conn.execute(
             _PG_MOVE_HEADS, {"ids": ids, "expected": expected, "heads": heads}
         )
         return {cid for (cid,) in rows}
 
+    async def create_channels(self, conn: AsyncConnection, rows: Sequence[NewHead]) -> set[str]:
+        ids, heads = pg_columns(rows, 2)
+        created = await conn.execute(_PG_CREATE, {"ids": ids, "heads": heads})
+        return {cid for (cid,) in created}
+
     async def insert_messages(self, conn: AsyncConnection, rows: Sequence[MessageValues]) -> None:
-        columns = _columns(rows, len(_MESSAGE_PARAMS))
-        await conn.execute(_PG_INSERT_MESSAGES, dict(zip(_MESSAGE_PARAMS, columns, strict=True)))
+        values = pg_columns(rows, len(_MESSAGE_PARAMS))
+        await conn.execute(_PG_INSERT_MESSAGES, dict(zip(_MESSAGE_PARAMS, values, strict=True)))
 
     async def upsert_users(self, conn: AsyncConnection, users: Sequence[UserValues]) -> None:
-        ids, names, avatars = _columns(users, 3)
+        ids, names, avatars = pg_columns(users, 3)
         await conn.execute(_PG_UPSERT_USERS, {"ids": ids, "names": names, "avatars": avatars})
 
 
 # --- SQLite ---------------------------------------------------------------------------
 
-_LITE_ENSURE = "INSERT INTO channels (id) VALUES (?) ON CONFLICT (id) DO NOTHING"
 _LITE_INSERT_MESSAGES = (
     f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
@@ -214,23 +225,25 @@ _LITE_UPSERT_USERS = (
 )
 
 
-def _chunks(rows: Sequence[Sequence[Any]], width: int) -> Iterator[Sequence[Sequence[Any]]]:
+def sqlite_chunks(rows: Sequence[Sequence[Any]], width: int) -> Iterator[Sequence[Sequence[Any]]]:
     """``rows`` in slices of at most ``SQLITE_MAX_PARAMS`` bound values."""
     size = max(1, SQLITE_MAX_PARAMS // width)
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
 
 
-def _values(count: int, width: int) -> str:
+def sqlite_values(count: int, width: int) -> str:
+    """``count`` rows of ``width`` placeholders, for a VALUES list."""
     row = "(" + ", ".join("?" * width) + ")"
     return ", ".join([row] * count)
 
 
-def _flat(rows: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+def flat(rows: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+    """``rows`` as one flat parameter tuple."""
     return tuple(value for row in rows for value in row)
 
 
-async def _query(conn: AsyncConnection, sql: str, params: tuple[Any, ...]) -> Sequence[Any]:
+async def fetch_all(conn: AsyncConnection, sql: str, params: tuple[Any, ...]) -> Sequence[Any]:
     # exec_driver_sql is typed as returning one-column rows; these have more.
     rows: Sequence[Any] = (await conn.exec_driver_sql(sql, params)).all()
     return rows
@@ -243,18 +256,15 @@ class SqliteBatchSQL(BatchSQL):
     (see ``db.writer``), so heads read in it cannot move under it.
     """
 
-    async def ensure_channels(self, conn: AsyncConnection, ids: Sequence[str]) -> None:
-        await conn.exec_driver_sql(_LITE_ENSURE, [(cid,) for cid in ids])
-
     async def lock_heads(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, int]:
         return await self.heads(conn, ids)
 
     async def heads(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, int]:
         found: dict[str, int] = {}
-        for chunk in _chunks([(cid,) for cid in ids], 1):
+        for chunk in sqlite_chunks([(cid,) for cid in ids], 1):
             marks = ", ".join("?" * len(chunk))
-            rows = await _query(
-                conn, f"SELECT id, last_seq FROM channels WHERE id IN ({marks})", _flat(chunk)
+            rows = await fetch_all(
+                conn, f"SELECT id, last_seq FROM channels WHERE id IN ({marks})", flat(chunk)
             )
             found.update((row[0], int(row[1])) for row in rows)
         return found
@@ -263,17 +273,18 @@ class SqliteBatchSQL(BatchSQL):
         self, conn: AsyncConnection, keys: Sequence[MessageKey]
     ) -> dict[MessageKey, StoredRef]:
         found: dict[MessageKey, StoredRef] = {}
-        for chunk in _chunks(keys, 3):
+        for chunk in sqlite_chunks(keys, 3):
             # CROSS JOIN fixes the join order: walk the keys, probe the
             # (channel_id, user_id, client_msg_id) index for each. A row-value
             # IN list would scan the whole index instead.
-            rows = await _query(
+            rows = await fetch_all(
                 conn,
-                f"WITH k(channel_id, user_id, client_msg_id) AS (VALUES {_values(len(chunk), 3)})"
+                "WITH k(channel_id, user_id, client_msg_id)"
+                f" AS (VALUES {sqlite_values(len(chunk), 3)})"
                 " SELECT m.channel_id, m.user_id, m.client_msg_id, m.id, m.seq, m.created_at_ms"
                 " FROM k CROSS JOIN messages AS m ON m.channel_id = k.channel_id"
                 " AND m.user_id = k.user_id AND m.client_msg_id = k.client_msg_id",
-                _flat(chunk),
+                flat(chunk),
             )
             found.update(
                 ((row[0], row[1], row[2]), (row[3], int(row[4]), int(row[5]))) for row in rows
@@ -282,17 +293,29 @@ class SqliteBatchSQL(BatchSQL):
 
     async def move_heads(self, conn: AsyncConnection, moves: Sequence[HeadMove]) -> set[str]:
         moved: set[str] = set()
-        for chunk in _chunks(moves, 3):
-            rows = await _query(
+        for chunk in sqlite_chunks(moves, 3):
+            rows = await fetch_all(
                 conn,
-                f"WITH v(cid, expected, head) AS (VALUES {_values(len(chunk), 3)})"
+                f"WITH v(cid, expected, head) AS (VALUES {sqlite_values(len(chunk), 3)})"
                 " UPDATE channels SET last_seq = v.head FROM v"
                 " WHERE channels.id = v.cid AND channels.last_seq = v.expected"
                 " RETURNING id",
-                _flat(chunk),
+                flat(chunk),
             )
             moved.update(row[0] for row in rows)
         return moved
+
+    async def create_channels(self, conn: AsyncConnection, rows: Sequence[NewHead]) -> set[str]:
+        created: set[str] = set()
+        for chunk in sqlite_chunks(rows, 2):
+            inserted = await fetch_all(
+                conn,
+                f"INSERT INTO channels (id, last_seq) VALUES {sqlite_values(len(chunk), 2)}"
+                " ON CONFLICT (id) DO NOTHING RETURNING id",
+                flat(chunk),
+            )
+            created.update(row[0] for row in inserted)
+        return created
 
     async def insert_messages(self, conn: AsyncConnection, rows: Sequence[MessageValues]) -> None:
         await conn.exec_driver_sql(_LITE_INSERT_MESSAGES, list(rows))

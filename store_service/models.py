@@ -13,8 +13,10 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     Text,
     UniqueConstraint,
     text,
@@ -33,6 +35,8 @@ NAMING_CONVENTION = {
 
 # CURRENT_TIMESTAMP is spelled the same on SQLite and PostgreSQL.
 _NOW = text("CURRENT_TIMESTAMP")
+# The rows of ix_messages_channel_id_thread_id_seq ("" is stored as NULL).
+THREAD_PREDICATE = text("thread_id IS NOT NULL")
 
 
 class Base(DeclarativeBase):
@@ -75,6 +79,16 @@ class MessageRow(Base):
         UniqueConstraint("channel_id", "seq"),
         # The idempotency key.
         UniqueConstraint("channel_id", "user_id", "client_msg_id"),
+        # Thread pages and reply counts. Partial: most messages are in no
+        # thread, and a query naming a thread_id implies the predicate.
+        Index(
+            "ix_messages_channel_id_thread_id_seq",
+            "channel_id",
+            "thread_id",
+            "seq",
+            postgresql_where=THREAD_PREDICATE,
+            sqlite_where=THREAD_PREDICATE,
+        ),
     )
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -88,3 +102,18 @@ class MessageRow(Base):
     thread_id: Mapped[str | None] = mapped_column(Text, nullable=True)
     client_msg_id: Mapped[str] = mapped_column(Text, nullable=False)
     created_at_ms: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class ReadCursorRow(Base):
+    """How far a user has read a channel: the highest seq read (never moves back).
+
+    No foreign key to ``channels``: a cursor is keyed by ids alone, and
+    writing one never creates a channel row.
+    """
+
+    __tablename__ = "read_cursors"
+    __table_args__ = (PrimaryKeyConstraint("user_id", "channel_id"),)
+
+    user_id: Mapped[str] = mapped_column(Text)
+    channel_id: Mapped[str] = mapped_column(Text)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)

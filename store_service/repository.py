@@ -1,4 +1,7 @@
-"""The store's database layer: every query Waddle runs, and the group committer.
+"""The store's database layer: appends, the group committer, and the channel reads.
+
+History pages live in ``history.py`` and read cursors in ``cursors.py``;
+both build on the values, validation and ``Repository.timed`` defined here.
 
 Plain dataclasses in, plain dataclasses out: no protobuf and no gRPC here
 (``servicer.py`` translates). Failures are ``StoreError`` subclasses, which
@@ -17,6 +20,11 @@ Sequence fencing: the owner of a channel states the head it believes in
 moves by a compare-and-set on ``channels.last_seq``. If the head moved (a
 second owner wrote), the group is FENCED and none of its messages are
 written, so two owners can never commit the same sequence number.
+
+A channel has no row until its first message commits (or its settings are
+written): loading or reading a channel never writes, so joins alone cannot
+fill the ``channels`` table. A channel without a row reads as empty, at
+head 0 with the default settings.
 """
 
 from __future__ import annotations
@@ -139,6 +147,7 @@ class StoredMessage:
     thread_id: str | None
     timestamp_ms: int
     client_msg_id: str
+    reply_count: int = 0  # history pages only: replies in the thread this message roots
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,29 +184,31 @@ AppendOutcome = tuple[ChannelAppendResult, ...] | StoreError
 # --- validation -------------------------------------------------------------------
 
 
-def _check_text(value: str, what: str) -> None:
+def check_text(value: str, what: str) -> None:
+    """Raise ``InvalidArgument`` when ``value`` holds a NUL character."""
     # PostgreSQL text cannot hold NUL; failing that inside a merged commit
     # would fail every caller in it, so refuse it here, per request.
     if "\x00" in value:
         raise InvalidArgument(f"{what} contains a NUL character")
 
 
-def _require_id(value: str, what: str) -> None:
+def require_id(value: str, what: str) -> None:
+    """Raise ``InvalidArgument`` when ``value`` is empty or holds a NUL character."""
     if not value:
         raise InvalidArgument(f"{what} is required")
-    _check_text(value, what)
+    check_text(value, what)
 
 
 def validate_append(groups: Sequence[ChannelAppend]) -> None:
     """Raise ``InvalidArgument`` unless every group and message is well formed."""
     owners: dict[str, tuple[str, str, str]] = {}
     for group in groups:
-        _require_id(group.channel_id, "channel_id")
+        require_id(group.channel_id, "channel_id")
         if group.expected_last_seq < 0 or group.expected_last_seq + len(group.messages) > MAX_SEQ:
             raise InvalidArgument("expected_last_seq out of range")
         for m in group.messages:
-            _require_id(m.id, "message id")
-            _require_id(m.user_id, "user_id")
+            require_id(m.id, "message id")
+            require_id(m.user_id, "user_id")
             for value, what in (
                 (m.username, "username"),
                 (m.avatar_url, "avatar_url"),
@@ -205,7 +216,7 @@ def validate_append(groups: Sequence[ChannelAppend]) -> None:
                 (m.client_msg_id, "client_msg_id"),
                 (m.thread_id or "", "thread_id"),
             ):
-                _check_text(value, what)
+                check_text(value, what)
             if not -MAX_SEQ <= m.timestamp_ms <= MAX_SEQ:
                 raise InvalidArgument("timestamp_ms out of range")
             owner = (group.channel_id, m.user_id, m.key)
@@ -264,6 +275,7 @@ class _Plan:
     inserted: list[NewMessage]
     heads: dict[str, int]  # every channel's head after the write
     moves: list[HeadMove]  # one per channel whose head moves
+    present: list[str] = field(default_factory=list)  # channels known to have a row after it
 
     def fence(self, current: dict[str, int]) -> None:
         """Refuse every group of the channels in ``current`` (their real heads)."""
@@ -455,34 +467,42 @@ class Repository:
         """Write ``batch`` in the open transaction ``conn``.
 
         The number of statements does not depend on the number of channel
-        groups: create the missing channels, read (and on PostgreSQL lock)
-        every head, then per write (the whole batch, or each request in its
+        groups: read (and on PostgreSQL lock) the head of every existing
+        channel, then per write (the whole batch, or each request in its
         SAVEPOINT when ``isolate``) one duplicate lookup, one compare-and-set
-        of the moving heads and one insert; last, one upsert of the authors.
+        of the moving heads, one insert of the rows of channels getting their
+        first messages and one insert of messages; last, one upsert of the
+        authors.
         """
         now_ms = time.time_ns() // 1_000_000
         ids = sorted({g.channel_id for groups in batch for g in groups})
         heads: dict[str, int] = {}
         if ids:
-            await self._sql.ensure_channels(conn, ids)
             heads = await self._sql.lock_heads(conn, ids)
+        existing = set(heads)
         outcomes: list[AppendOutcome] = []
         inserted: list[NewMessage] = []
         if isolate:
+            # Here new channel rows are created request by request, not in
+            # one id order: two replicas creating the same new channels at
+            # once could deadlock, which PostgreSQL breaks by failing one
+            # commit (Unavailable, nothing written, retried by its caller).
             for groups in batch:
                 try:
                     async with conn.begin_nested():
-                        plan = await self._write(conn, [groups], heads, now_ms)
+                        plan = await self._write(conn, [groups], heads, existing, now_ms)
                 except (IntegrityError, DataError) as exc:
                     outcomes.append(_request_error(exc))
                     continue
                 # Only a request that committed to its savepoint moves the
-                # heads the next request is checked against.
+                # heads (and creates the rows) the next request is checked
+                # against.
                 heads = plan.heads
+                existing.update(plan.present)
                 outcomes.extend(plan.results)
                 inserted.extend(plan.inserted)
         else:
-            plan = await self._write(conn, batch, heads, now_ms)
+            plan = await self._write(conn, batch, heads, existing, now_ms)
             outcomes.extend(plan.results)
             inserted = plan.inserted
         authors: dict[str, User] = {}
@@ -500,9 +520,14 @@ class Repository:
         conn: AsyncConnection,
         requests: Sequence[Sequence[ChannelAppend]],
         heads: dict[str, int],
+        existing: set[str],
         now_ms: int,
     ) -> _Plan:
-        """Append ``requests`` in order against ``heads`` (read under the lock)."""
+        """Append ``requests`` in order against ``heads`` (read under the lock).
+
+        ``existing``: the channels with a row in this transaction; any other
+        channel is at head 0 and gets its row here, with its first messages.
+        """
         keys = list(
             dict.fromkeys(
                 (g.channel_id, m.user_id, m.key)
@@ -518,11 +543,22 @@ class Repository:
             # heads were read under the row locks (PostgreSQL) or SQLite's
             # write lock, so every head should match; one that does not
             # moved behind the lock's back, and its groups are refused.
-            moved = await self._sql.move_heads(conn, plan.moves)
-            stale = [cid for cid, _, _ in plan.moves if cid not in moved]
+            moves = plan.moves
+            cas = [move for move in moves if move[0] in existing]
+            new = sorted((cid, head) for cid, _, head in moves if cid not in existing)
+            moved = await self._sql.move_heads(conn, cas) if cas else set()
+            if new:
+                # A channel's row is born at its head with its first
+                # messages. A row another writer created since the heads were
+                # read (nothing could be locked then) is left alone, and its
+                # groups are fenced like any head that moved.
+                moved |= await self._sql.create_channels(conn, new)
+            plan.present = [cid for cid, _, _ in moves]
+            stale = [cid for cid, _, _ in moves if cid not in moved]
             if stale:
                 log.warning("channel head moved under the commit", extra={"channels": len(stale)})
-                plan.fence(await self._sql.heads(conn, stale))
+                current = await self._sql.heads(conn, stale)
+                plan.fence({cid: current.get(cid, 0) for cid in stale})
         if plan.rows:
             await self._sql.insert_messages(conn, plan.rows)
         return plan
@@ -537,7 +573,8 @@ class Repository:
     # --- reads ----------------------------------------------------------------
 
     @asynccontextmanager
-    async def _query(self, name: str) -> AsyncIterator[None]:
+    async def timed(self, name: str) -> AsyncIterator[None]:
+        """Time the block as query ``name``; a database error in it becomes ``Unavailable``."""
         start = perf_counter()
         try:
             yield
@@ -549,34 +586,25 @@ class Repository:
             self.metrics.query_seconds.labels(query=name).observe(perf_counter() - start)
 
     async def load_channel(self, channel_id: str, recent_limit: int) -> ChannelState:
-        """The channel's head, settings and newest ``recent_limit`` messages; creates it if new."""
-        _require_id(channel_id, "channel_id")
-        limit = min(max(recent_limit, 0), MAX_PAGE)
-        async with self._query("load_channel"):
-            async with self._engine.connect() as conn:
-                state = await self._channel_state(conn, channel_id, limit)
-            if state is None:
-                async with self._writer.begin() as conn:
-                    await self._sql.ensure_channels(conn, [channel_id])
-                    state = await self._channel_state(conn, channel_id, limit)
-        if state is None:  # pragma: no cover - the row was just inserted
-            raise Unavailable("channel row vanished")
-        return state
+        """The channel's head, settings and newest ``recent_limit`` messages.
 
-    async def _channel_state(
-        self, conn: AsyncConnection, channel_id: str, limit: int
-    ) -> ChannelState | None:
-        row = (
-            await conn.execute(
-                select(ChannelRow.last_seq, ChannelRow.max_connections).where(
-                    ChannelRow.id == channel_id
+        Read-only. A channel without a row (no message, no settings yet) is
+        empty: head 0, the default settings, no messages.
+        """
+        require_id(channel_id, "channel_id")
+        limit = min(max(recent_limit, 0), MAX_PAGE)
+        async with self.timed("load_channel"), self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(ChannelRow.last_seq, ChannelRow.max_connections).where(
+                        ChannelRow.id == channel_id
+                    )
                 )
-            )
-        ).first()
-        if row is None:
-            return None
-        head = int(row.last_seq)
-        recent, _ = await self._recent(conn, channel_id, head, limit)
+            ).first()
+            if row is None:
+                return ChannelState(channel_id, 0, 0, ())
+            head = int(row.last_seq)
+            recent, _ = await self._recent(conn, channel_id, head, limit)
         return ChannelState(channel_id, head, int(row.max_connections or 0), recent)
 
     async def messages_after(
@@ -592,12 +620,12 @@ class Repository:
         ``limit`` is capped at ``MAX_PAGE``; 0 means the cap. Raises
         ``NotFound("Unknown message id")`` when the id is not in the channel.
         """
-        _require_id(channel_id, "channel_id")
+        require_id(channel_id, "channel_id")
         if after_message_id is not None:
-            _require_id(after_message_id, "after_message_id")
+            require_id(after_message_id, "after_message_id")
         cap = _page_limit(limit)
-        async with self._query("messages_after"), self._engine.connect() as conn:
-            head = await self._head(conn, channel_id)
+        async with self.timed("messages_after"), self._engine.connect() as conn:
+            head = await read_head(conn, channel_id)
             after = min(max(after_seq, 0), MAX_SEQ)
             if after_message_id is not None:
                 seq = await conn.scalar(
@@ -613,7 +641,7 @@ class Repository:
             # Bounded by the head read first, so the page and last_seq agree
             # even under READ COMMITTED with appends landing in between.
             rows = await conn.execute(after_query(channel_id, after, head, cap + 1))
-            messages = [_stored(r) for r in rows]
+            messages = [stored_message(r) for r in rows]
         return MessagePage(tuple(messages[:cap]), head, len(messages) > cap)
 
     async def recent_messages(self, channel_id: str, limit: int = 0) -> MessagePage:
@@ -621,18 +649,14 @@ class Repository:
 
         ``has_more`` says whether older messages exist.
         """
-        _require_id(channel_id, "channel_id")
+        require_id(channel_id, "channel_id")
         cap = _page_limit(limit)
-        async with self._query("recent_messages"), self._engine.connect() as conn:
-            head = await self._head(conn, channel_id)
+        async with self.timed("recent_messages"), self._engine.connect() as conn:
+            head = await read_head(conn, channel_id)
             if head is None:
                 return MessagePage((), 0, False)
             messages, has_more = await self._recent(conn, channel_id, head, cap)
         return MessagePage(messages, head, has_more)
-
-    async def _head(self, conn: AsyncConnection, channel_id: str) -> int | None:
-        head = await conn.scalar(select(ChannelRow.last_seq).where(ChannelRow.id == channel_id))
-        return None if head is None else int(head)
 
     async def _recent(
         self, conn: AsyncConnection, channel_id: str, head: int, limit: int
@@ -640,7 +664,7 @@ class Repository:
         if limit <= 0:
             return (), False
         rows = await conn.execute(recent_query(channel_id, head, limit + 1))
-        newest_first = [_stored(r) for r in rows]
+        newest_first = [stored_message(r) for r in rows]
         return tuple(reversed(newest_first[:limit])), len(newest_first) > limit
 
     # --- users and settings -------------------------------------------------------
@@ -649,20 +673,20 @@ class Repository:
         """Insert or update profiles; return how many distinct users were given."""
         latest: dict[str, User] = {}
         for user in users:
-            _require_id(user.id, "user id")
-            _check_text(user.username, "username")
-            _check_text(user.avatar_url, "avatar_url")
+            require_id(user.id, "user id")
+            check_text(user.username, "username")
+            check_text(user.avatar_url, "avatar_url")
             latest[user.id] = user
         changed = self._users.changed(latest.values())
         if changed:
-            async with self._query("upsert_users"), self._writer.begin() as conn:
+            async with self.timed("upsert_users"), self._writer.begin() as conn:
                 await self._write_users(conn, changed)
             self._users.remember(changed)
         return len(latest)
 
     async def get_user(self, user_id: str) -> User:
-        _require_id(user_id, "user id")
-        async with self._query("get_user"), self._engine.connect() as conn:
+        require_id(user_id, "user id")
+        async with self.timed("get_user"), self._engine.connect() as conn:
             row = (
                 await conn.execute(
                     select(UserRow.id, UserRow.username, UserRow.avatar_url).where(
@@ -675,13 +699,13 @@ class Repository:
         return User(row.id, row.username, row.avatar_url)
 
     async def update_channel_settings(self, settings: ChannelSettings) -> ChannelSettings:
-        """Store the channel's settings, creating the channel when missing."""
-        _require_id(settings.channel_id, "channel_id")
+        """Store the channel's settings, creating the channel's row when missing."""
+        require_id(settings.channel_id, "channel_id")
         if not 0 <= settings.max_connections <= MAX_CONNECTIONS_LIMIT:
             raise InvalidArgument("max_connections out of range")
         value = settings.max_connections or None
         stmt = self._upsert(ChannelRow).values(id=settings.channel_id, max_connections=value)
-        async with self._query("update_channel_settings"), self._writer.begin() as conn:
+        async with self.timed("update_channel_settings"), self._writer.begin() as conn:
             await conn.execute(
                 stmt.on_conflict_do_update(
                     index_elements=[ChannelRow.id], set_={"max_connections": value}
@@ -696,7 +720,11 @@ def _request_error(exc: SQLAlchemyError) -> StoreError:
     return Conflict("append conflicts with stored messages (message id reused?)")
 
 
-def _message_select() -> Select[*tuple[Any, ...]]:
+def message_select() -> Select[*tuple[Any, ...]]:
+    """The columns of a ``StoredMessage``, with the author's current profile.
+
+    ``stored_message`` reads them by position: keep the two in step.
+    """
     # The current profile wins over the snapshot taken at write time; the
     # snapshot covers users the store never saw a profile for.
     username: ColumnElement[str] = func.coalesce(
@@ -719,7 +747,7 @@ def _message_select() -> Select[*tuple[Any, ...]]:
 def after_query(channel_id: str, after: int, head: int, limit: int) -> Select[*tuple[Any, ...]]:
     """Up to ``limit`` messages with ``after < seq <= head``, oldest first."""
     return (
-        _message_select()
+        message_select()
         .where(
             MessageRow.channel_id == channel_id,
             MessageRow.seq > after,
@@ -733,27 +761,38 @@ def after_query(channel_id: str, after: int, head: int, limit: int) -> Select[*t
 def recent_query(channel_id: str, head: int, limit: int) -> Select[*tuple[Any, ...]]:
     """Up to ``limit`` messages with ``seq <= head``, NEWEST first."""
     return (
-        _message_select()
+        message_select()
         .where(MessageRow.channel_id == channel_id, MessageRow.seq <= head)
         .order_by(MessageRow.seq.desc())
         .limit(limit)
     )
 
 
-def _stored(row: Any) -> StoredMessage:
+async def read_head(conn: AsyncConnection, channel_id: str) -> int | None:
+    """The channel's ``last_seq``, or None when it has no row (never written)."""
+    head = await conn.scalar(select(ChannelRow.last_seq).where(ChannelRow.id == channel_id))
+    return None if head is None else int(head)
+
+
+def stored_message(row: Any, reply_count: int = 0) -> StoredMessage:
+    """A row of ``message_select()`` (its first ten columns) as a ``StoredMessage``."""
+    # By position, in message_select()'s order: a page converts up to a
+    # hundred rows, and named access costs a lookup per field.
+    mid, channel_id, seq, user_id, username, avatar_url, content, thread_id, ts, key = row[:10]
     return StoredMessage(
-        id=row.id,
-        channel_id=row.channel_id,
-        seq=int(row.seq),
-        user_id=row.user_id,
-        username=row.username,
-        avatar_url=row.avatar_url,
-        content=row.content,
-        thread_id=row.thread_id,
-        timestamp_ms=int(row.created_at_ms),
+        id=mid,
+        channel_id=channel_id,
+        seq=int(seq),
+        user_id=user_id,
+        username=username,
+        avatar_url=avatar_url,
+        content=content,
+        thread_id=thread_id,
+        timestamp_ms=int(ts),
         # A keyless message is stored under its own id (see NewMessage.key);
         # report it as keyless, the way it was sent.
-        client_msg_id="" if row.client_msg_id == row.id else row.client_msg_id,
+        client_msg_id="" if key == mid else key,
+        reply_count=reply_count,
     )
 
 

@@ -1,6 +1,7 @@
 """The gRPC face of the store: protobuf <-> repository values, errors -> status codes.
 
-Deliberately thin. All database work is in ``repository.py``; every
+Deliberately thin. All database work is in ``repository.py`` (history
+pages in ``history.py``, read cursors in ``cursors.py``); every
 ``StoreError`` becomes a gRPC status in ``_guard`` and nowhere else.
 Appends go through the ``AppendCommitter`` so concurrent callers share
 transactions.
@@ -15,9 +16,13 @@ import grpc
 import grpc.aio
 
 from store_service import repository as repo
+from store_service.cursors import ReadCursor, ReadCursors
+from store_service.history import HistoryReader
 from waddle_pb import store_pb2, store_pb2_grpc
 
 T = TypeVar("T")
+
+MAX_UINT32 = 2**32 - 1
 
 _STATUS: dict[type[repo.StoreError], grpc.StatusCode] = {
     repo.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -83,7 +88,12 @@ def _stored(m: repo.StoredMessage) -> store_pb2.StoredMessage:
         thread_id=m.thread_id or "",
         timestamp_ms=m.timestamp_ms,
         client_msg_id=m.client_msg_id,
+        reply_count=min(m.reply_count, MAX_UINT32),
     )
+
+
+def _cursor(c: ReadCursor) -> store_pb2.ReadCursor:
+    return store_pb2.ReadCursor(user_id=c.user_id, channel_id=c.channel_id, seq=c.seq)
 
 
 def _append_result(r: repo.ChannelAppendResult) -> store_pb2.ChannelAppendResult:
@@ -123,6 +133,8 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     def __init__(self, repository: repo.Repository, committer: repo.AppendCommitter) -> None:
         self._repository = repository
         self._committer = committer
+        self._history = HistoryReader(repository)
+        self._cursors = ReadCursors(repository)
 
     async def AppendBatch(
         self, request: store_pb2.AppendBatchRequest, context: grpc.aio.ServicerContext
@@ -195,3 +207,30 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         return store_pb2.ChannelSettings(
             channel_id=settings.channel_id, max_connections=settings.max_connections
         )
+
+    async def History(
+        self, request: store_pb2.HistoryRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.MessagePage:
+        page = await _guard(
+            context,
+            self._history.page(
+                request.channel_id,
+                before_seq=request.before_seq,
+                limit=request.limit,
+                thread_id=request.thread_id,
+            ),
+        )
+        return _page(page)
+
+    async def SetReadCursors(
+        self, request: store_pb2.SetReadCursorsRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.SetReadCursorsResponse:
+        cursors = [ReadCursor(c.user_id, c.channel_id, c.seq) for c in request.cursors]
+        stored = await _guard(context, self._cursors.set(cursors))
+        return store_pb2.SetReadCursorsResponse(cursors=[_cursor(c) for c in stored])
+
+    async def GetReadCursor(
+        self, request: store_pb2.GetReadCursorRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.ReadCursor:
+        seq = await _guard(context, self._cursors.get(request.user_id, request.channel_id))
+        return store_pb2.ReadCursor(user_id=request.user_id, channel_id=request.channel_id, seq=seq)

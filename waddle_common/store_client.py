@@ -1,12 +1,14 @@
 """The store service as its callers see it: a typed async client with deadlines.
 
-Used by the channel owner (load, append) and by the edge (replay). Every
+Used by the channel owner (load, append) and by the edge (replay, history,
+read cursors). Every
 call has a deadline; every transport failure becomes ``StoreUnavailable`` so
 callers can answer "retry later" without knowing gRPC.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -30,6 +32,11 @@ _RETRYABLE = frozenset(
         grpc.StatusCode.INTERNAL,
     }
 )
+
+
+CURSOR_BATCH = 10_000
+"""Most cursors in one ``SetReadCursors`` call (the store's limit); larger
+batches are sent as several calls."""
 
 
 class StoreUnavailable(Exception):
@@ -127,3 +134,52 @@ class StoreClient:
                 raise UnknownMessageId(exc.details() or "") from exc
             raise
         return result
+
+    async def history(
+        self, channel_id: str, *, before_seq: int = 0, limit: int = 50, thread_id: str = ""
+    ) -> store_pb2.MessagePage:
+        """A page of the newest ``limit`` (1..100) messages before ``before_seq``
+        (0: the newest), oldest first; of one thread when ``thread_id`` is set.
+
+        Roots carry ``reply_count``; ``has_more`` says whether older messages
+        exist. An unknown channel is an empty page. A malformed request
+        (e.g. ``limit`` outside 1..100) raises ``grpc.aio.AioRpcError`` with
+        ``INVALID_ARGUMENT``.
+        """
+        req = store_pb2.HistoryRequest(
+            channel_id=channel_id, before_seq=before_seq, limit=limit, thread_id=thread_id
+        )
+        result: store_pb2.MessagePage = await self._call(self._stub.History, req)
+        return result
+
+    async def set_read_cursors(
+        self, cursors: Sequence[tuple[str, str, int]]
+    ) -> list[store_pb2.ReadCursor]:
+        """Move each (user_id, channel_id, seq) cursor forward; never back.
+
+        Returns the stored cursors in the same order: a stale write answers
+        with the newer stored value, and a seq past the channel's head is
+        stored as the head. Sent in calls of at most ``CURSOR_BATCH``
+        cursors, each its own transaction (a call that fails raises, and
+        the calls before it stay written). A malformed cursor raises
+        ``grpc.aio.AioRpcError`` with ``INVALID_ARGUMENT``.
+        """
+        stored: list[store_pb2.ReadCursor] = []
+        for start in range(0, len(cursors), CURSOR_BATCH):
+            req = store_pb2.SetReadCursorsRequest(
+                cursors=[
+                    store_pb2.ReadCursor(user_id=user_id, channel_id=channel_id, seq=seq)
+                    for user_id, channel_id, seq in cursors[start : start + CURSOR_BATCH]
+                ]
+            )
+            result: store_pb2.SetReadCursorsResponse = await self._call(
+                self._stub.SetReadCursors, req
+            )
+            stored.extend(result.cursors)
+        return stored
+
+    async def get_read_cursor(self, user_id: str, channel_id: str) -> int:
+        """The user's read cursor in the channel (0: none)."""
+        req = store_pb2.GetReadCursorRequest(user_id=user_id, channel_id=channel_id)
+        result: store_pb2.ReadCursor = await self._call(self._stub.GetReadCursor, req)
+        return result.seq

@@ -60,6 +60,7 @@ class StoredMessage(_message.Message):
     THREAD_ID_FIELD_NUMBER: _builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
     CLIENT_MSG_ID_FIELD_NUMBER: _builtins.int
+    REPLY_COUNT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     channel_id: _builtins.str
     seq: _builtins.int
@@ -71,6 +72,8 @@ class StoredMessage(_message.Message):
     """"" when absent"""
     timestamp_ms: _builtins.int
     client_msg_id: _builtins.str
+    reply_count: _builtins.int
+    """History only: replies in the thread this message roots"""
     def __init__(
         self,
         *,
@@ -84,10 +87,11 @@ class StoredMessage(_message.Message):
         thread_id: _builtins.str = ...,
         timestamp_ms: _builtins.int = ...,
         client_msg_id: _builtins.str = ...,
+        reply_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar_url", b"avatar_url", "channel_id", b"channel_id", "client_msg_id", b"client_msg_id", "content", b"content", "id", b"id", "seq", b"seq", "thread_id", b"thread_id", "timestamp_ms", b"timestamp_ms", "user_id", b"user_id", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar_url", b"avatar_url", "channel_id", b"channel_id", "client_msg_id", b"client_msg_id", "content", b"content", "id", b"id", "reply_count", b"reply_count", "seq", b"seq", "thread_id", b"thread_id", "timestamp_ms", b"timestamp_ms", "user_id", b"user_id", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -493,3 +497,126 @@ class GetUserRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUserRequest: _TypeAlias = GetUserRequest  # noqa: Y015
+
+@_typing.final
+class HistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    BEFORE_SEQ_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    channel_id: _builtins.str
+    before_seq: _builtins.int
+    """0: from the newest message"""
+    limit: _builtins.int
+    """1..100"""
+    thread_id: _builtins.str
+    """"": the whole channel; else the replies of that root message"""
+    def __init__(
+        self,
+        *,
+        channel_id: _builtins.str = ...,
+        before_seq: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        thread_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_seq", b"before_seq", "channel_id", b"channel_id", "limit", b"limit", "thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryRequest: _TypeAlias = HistoryRequest  # noqa: Y015
+
+@_typing.final
+class ReadCursor(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    channel_id: _builtins.str
+    seq: _builtins.int
+    """0: nothing read"""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        channel_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "seq", b"seq", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadCursor: _TypeAlias = ReadCursor  # noqa: Y015
+
+@_typing.final
+class SetReadCursorsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cursors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadCursor]: ...
+    def __init__(
+        self,
+        *,
+        cursors: _abc.Iterable[Global___ReadCursor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursors", b"cursors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetReadCursorsRequest: _TypeAlias = SetReadCursorsRequest  # noqa: Y015
+
+@_typing.final
+class SetReadCursorsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cursors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadCursor]:
+        """The stored cursors after the write (a cursor never moves back, so a
+        stale write answers with the newer stored value).
+        """
+
+    def __init__(
+        self,
+        *,
+        cursors: _abc.Iterable[Global___ReadCursor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursors", b"cursors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetReadCursorsResponse: _TypeAlias = SetReadCursorsResponse  # noqa: Y015
+
+@_typing.final
+class GetReadCursorRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    channel_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        channel_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReadCursorRequest: _TypeAlias = GetReadCursorRequest  # noqa: Y015

@@ -69,6 +69,21 @@ class StoreServiceStub:
                 request_serializer=waddle__pb_dot_store__pb2.ChannelSettings.SerializeToString,
                 response_deserializer=waddle__pb_dot_store__pb2.ChannelSettings.FromString,
                 _registered_method=True)
+        self.History = channel.unary_unary(
+                '/waddle.store.v1.StoreService/History',
+                request_serializer=waddle__pb_dot_store__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=waddle__pb_dot_store__pb2.MessagePage.FromString,
+                _registered_method=True)
+        self.SetReadCursors = channel.unary_unary(
+                '/waddle.store.v1.StoreService/SetReadCursors',
+                request_serializer=waddle__pb_dot_store__pb2.SetReadCursorsRequest.SerializeToString,
+                response_deserializer=waddle__pb_dot_store__pb2.SetReadCursorsResponse.FromString,
+                _registered_method=True)
+        self.GetReadCursor = channel.unary_unary(
+                '/waddle.store.v1.StoreService/GetReadCursor',
+                request_serializer=waddle__pb_dot_store__pb2.GetReadCursorRequest.SerializeToString,
+                response_deserializer=waddle__pb_dot_store__pb2.ReadCursor.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -82,8 +97,8 @@ class StoreServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadChannel(self, request, context):
-        """Creates the channel row when missing; returns its sequence head,
-        settings and most recent messages (oldest first).
+        """Reads (never writes) a channel's sequence head, settings and most
+        recent messages (oldest first); an unknown channel has head 0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,6 +130,28 @@ class StoreServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateChannelSettings(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def History(self, request, context):
+        """History, newest page first: messages with seq < before_seq (the newest
+        when before_seq is 0), of the whole channel or of one thread, returned
+        oldest first with has_more when older ones exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetReadCursors(self, request, context):
+        """Read cursors per (user, channel). Writes never move a cursor back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReadCursor(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +194,21 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.UpdateChannelSettings,
                     request_deserializer=waddle__pb_dot_store__pb2.ChannelSettings.FromString,
                     response_serializer=waddle__pb_dot_store__pb2.ChannelSettings.SerializeToString,
+            ),
+            'History': grpc.unary_unary_rpc_method_handler(
+                    servicer.History,
+                    request_deserializer=waddle__pb_dot_store__pb2.HistoryRequest.FromString,
+                    response_serializer=waddle__pb_dot_store__pb2.MessagePage.SerializeToString,
+            ),
+            'SetReadCursors': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReadCursors,
+                    request_deserializer=waddle__pb_dot_store__pb2.SetReadCursorsRequest.FromString,
+                    response_serializer=waddle__pb_dot_store__pb2.SetReadCursorsResponse.SerializeToString,
+            ),
+            'GetReadCursor': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReadCursor,
+                    request_deserializer=waddle__pb_dot_store__pb2.GetReadCursorRequest.FromString,
+                    response_serializer=waddle__pb_dot_store__pb2.ReadCursor.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +400,87 @@ class StoreService:
             '/waddle.store.v1.StoreService/UpdateChannelSettings',
             waddle__pb_dot_store__pb2.ChannelSettings.SerializeToString,
             waddle__pb_dot_store__pb2.ChannelSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def History(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waddle.store.v1.StoreService/History',
+            waddle__pb_dot_store__pb2.HistoryRequest.SerializeToString,
+            waddle__pb_dot_store__pb2.MessagePage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReadCursors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waddle.store.v1.StoreService/SetReadCursors',
+            waddle__pb_dot_store__pb2.SetReadCursorsRequest.SerializeToString,
+            waddle__pb_dot_store__pb2.SetReadCursorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReadCursor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waddle.store.v1.StoreService/GetReadCursor',
+            waddle__pb_dot_store__pb2.GetReadCursorRequest.SerializeToString,
+            waddle__pb_dot_store__pb2.ReadCursor.FromString,
             options,
             channel_credentials,
             insecure,

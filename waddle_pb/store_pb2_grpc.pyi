@@ -36,8 +36,8 @@ class StoreServiceStub:
     AppendBatch: _grpc.UnaryUnaryMultiCallable[_store_pb2.AppendBatchRequest, _store_pb2.AppendBatchResponse]
     """Group commit: one transaction for many channels' messages."""
     LoadChannel: _grpc.UnaryUnaryMultiCallable[_store_pb2.LoadChannelRequest, _store_pb2.ChannelState]
-    """Creates the channel row when missing; returns its sequence head,
-    settings and most recent messages (oldest first).
+    """Reads (never writes) a channel's sequence head, settings and most
+    recent messages (oldest first); an unknown channel has head 0.
     """
     MessagesAfter: _grpc.UnaryUnaryMultiCallable[_store_pb2.MessagesAfterRequest, _store_pb2.MessagePage]
     """Replay: messages strictly after a seq or a message id, in seq order."""
@@ -45,6 +45,14 @@ class StoreServiceStub:
     UpsertUsers: _grpc.UnaryUnaryMultiCallable[_store_pb2.UpsertUsersRequest, _store_pb2.UpsertUsersResponse]
     GetUser: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetUserRequest, _store_pb2.User]
     UpdateChannelSettings: _grpc.UnaryUnaryMultiCallable[_store_pb2.ChannelSettings, _store_pb2.ChannelSettings]
+    History: _grpc.UnaryUnaryMultiCallable[_store_pb2.HistoryRequest, _store_pb2.MessagePage]
+    """History, newest page first: messages with seq < before_seq (the newest
+    when before_seq is 0), of the whole channel or of one thread, returned
+    oldest first with has_more when older ones exist.
+    """
+    SetReadCursors: _grpc.UnaryUnaryMultiCallable[_store_pb2.SetReadCursorsRequest, _store_pb2.SetReadCursorsResponse]
+    """Read cursors per (user, channel). Writes never move a cursor back."""
+    GetReadCursor: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetReadCursorRequest, _store_pb2.ReadCursor]
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -52,8 +60,8 @@ class StoreServiceAsyncStub(StoreServiceStub):
     AppendBatch: _aio.UnaryUnaryMultiCallable[_store_pb2.AppendBatchRequest, _store_pb2.AppendBatchResponse]  # type: ignore[assignment]
     """Group commit: one transaction for many channels' messages."""
     LoadChannel: _aio.UnaryUnaryMultiCallable[_store_pb2.LoadChannelRequest, _store_pb2.ChannelState]  # type: ignore[assignment]
-    """Creates the channel row when missing; returns its sequence head,
-    settings and most recent messages (oldest first).
+    """Reads (never writes) a channel's sequence head, settings and most
+    recent messages (oldest first); an unknown channel has head 0.
     """
     MessagesAfter: _aio.UnaryUnaryMultiCallable[_store_pb2.MessagesAfterRequest, _store_pb2.MessagePage]  # type: ignore[assignment]
     """Replay: messages strictly after a seq or a message id, in seq order."""
@@ -61,6 +69,14 @@ class StoreServiceAsyncStub(StoreServiceStub):
     UpsertUsers: _aio.UnaryUnaryMultiCallable[_store_pb2.UpsertUsersRequest, _store_pb2.UpsertUsersResponse]  # type: ignore[assignment]
     GetUser: _aio.UnaryUnaryMultiCallable[_store_pb2.GetUserRequest, _store_pb2.User]  # type: ignore[assignment]
     UpdateChannelSettings: _aio.UnaryUnaryMultiCallable[_store_pb2.ChannelSettings, _store_pb2.ChannelSettings]  # type: ignore[assignment]
+    History: _aio.UnaryUnaryMultiCallable[_store_pb2.HistoryRequest, _store_pb2.MessagePage]  # type: ignore[assignment]
+    """History, newest page first: messages with seq < before_seq (the newest
+    when before_seq is 0), of the whole channel or of one thread, returned
+    oldest first with has_more when older ones exist.
+    """
+    SetReadCursors: _aio.UnaryUnaryMultiCallable[_store_pb2.SetReadCursorsRequest, _store_pb2.SetReadCursorsResponse]  # type: ignore[assignment]
+    """Read cursors per (user, channel). Writes never move a cursor back."""
+    GetReadCursor: _aio.UnaryUnaryMultiCallable[_store_pb2.GetReadCursorRequest, _store_pb2.ReadCursor]  # type: ignore[assignment]
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -77,8 +93,8 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _store_pb2.LoadChannelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.ChannelState, _abc.Awaitable[_store_pb2.ChannelState]]:
-        """Creates the channel row when missing; returns its sequence head,
-        settings and most recent messages (oldest first).
+        """Reads (never writes) a channel's sequence head, settings and most
+        recent messages (oldest first); an unknown channel has head 0.
         """
 
     @_abc_1.abstractmethod
@@ -116,5 +132,31 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _store_pb2.ChannelSettings,
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.ChannelSettings, _abc.Awaitable[_store_pb2.ChannelSettings]]: ...
+
+    @_abc_1.abstractmethod
+    def History(
+        self,
+        request: _store_pb2.HistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.MessagePage, _abc.Awaitable[_store_pb2.MessagePage]]:
+        """History, newest page first: messages with seq < before_seq (the newest
+        when before_seq is 0), of the whole channel or of one thread, returned
+        oldest first with has_more when older ones exist.
+        """
+
+    @_abc_1.abstractmethod
+    def SetReadCursors(
+        self,
+        request: _store_pb2.SetReadCursorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.SetReadCursorsResponse, _abc.Awaitable[_store_pb2.SetReadCursorsResponse]]:
+        """Read cursors per (user, channel). Writes never move a cursor back."""
+
+    @_abc_1.abstractmethod
+    def GetReadCursor(
+        self,
+        request: _store_pb2.GetReadCursorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.ReadCursor, _abc.Awaitable[_store_pb2.ReadCursor]]: ...
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

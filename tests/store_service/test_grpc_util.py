@@ -143,3 +143,15 @@ def test_options_agree() -> None:
         assert options["grpc.keepalive_permit_without_calls"] == 1
     # The server must accept the client's keepalive pings, or it sends GOAWAY.
     assert server["grpc.http2.min_recv_ping_interval_without_data_ms"] <= KEEPALIVE_TIME_MS
+
+
+async def test_a_second_server_cannot_share_a_taken_port() -> None:
+    first = grpc.aio.server(options=server_options())
+    port = first.add_insecure_port("127.0.0.1:0")
+    await first.start()
+    try:
+        second = grpc.aio.server(options=server_options())
+        with pytest.raises(RuntimeError):
+            second.add_insecure_port(f"127.0.0.1:{port}")
+    finally:
+        await first.stop(None)

@@ -323,7 +323,7 @@ async def test_callers_arriving_during_a_commit_share_the_next_one(
     repository: Repository,
     migrated_url: str,
 ) -> None:
-    await repository.load_channel("c", 0)  # the row the lock is taken on
+    await repository.update_channel_settings(ChannelSettings("c"))  # the row the lock is taken on
     async with write_lock(migrated_url, "c"):
         first = asyncio.create_task(committer.append([group("c", 0, msg("first"))]))
         await eventually(lambda: committer.in_flight == 1 and committer.queued == 0)
@@ -441,7 +441,7 @@ async def test_reads_reject_empty_ids(repository: Repository) -> None:
         await repository.get_user("")
 
 
-async def test_load_channel_creates_the_channel_and_returns_recent_state(
+async def test_load_channel_returns_the_recent_state(
     repository: Repository, metrics: StoreMetrics
 ) -> None:
     state = await repository.load_channel("new", 50)

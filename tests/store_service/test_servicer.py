@@ -78,7 +78,7 @@ async def test_concurrent_appends_over_grpc_are_all_numbered_once(stub: Stub) ->
         assert [r.seq for r in result.results] == [1, 2]
 
 
-async def test_load_channel_creates_and_returns_state(stub: Stub) -> None:
+async def test_load_channel_returns_state(stub: Stub) -> None:
     state = await stub.LoadChannel(
         store_pb2.LoadChannelRequest(channel_id="c", recent_limit=50), timeout=TIMEOUT
     )
@@ -198,6 +198,8 @@ async def test_reused_message_id_is_already_exists(stub: Stub) -> None:
 async def test_database_errors_are_unavailable_and_counted(
     stub: Stub, store: RunningStore, migrated_url: str
 ) -> None:
+    # A channel with a row, so that loading it reads the (missing) messages table.
+    await stub.UpdateChannelSettings(store_pb2.ChannelSettings(channel_id="c"), timeout=TIMEOUT)
     exec_sql(migrated_url, "ALTER TABLE messages RENAME TO messages_gone")
     try:
         append = await status_of(
