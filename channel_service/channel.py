@@ -5,7 +5,18 @@ Contract:
 * Membership is per connection (edge id, connection id); presence is per
   user. A user's first connection broadcasts ``user_connected``, the last one
   to leave ``user_disconnected``; re-registrations (``rejoin``) are silent.
+  With a presence linger (``ChannelPolicy.presence_linger``) a user whose
+  last connection left stays listed until the linger is over
+  (``linger_expired``); coming back within it is silent.
+* A channel restored after hibernation (``channel_service.lifecycle``) gets
+  its members back as re-registrations, then ``restore_user`` puts back each
+  user's status and joined-at, and ``depart_unregistered`` lets the users
+  nobody re-registered depart as above.
 * ``typing`` is relayed to every member but the typist and never stored.
+* Read cursors (per user, cached while the user is a member) only move
+  forward and never past the sequence head. A move is told at once to the
+  user's other connections; persisting it and the coalesced receipts to the
+  other members are the hub's (``Emitter.cursor_moved``).
 * A publish is only *queued* here; the hub's committer persists it and then
   calls ``committed``, which broadcasts in sequence order and acks the
   sender. Nothing is broadcast before it is durable.
@@ -53,9 +64,16 @@ class Emitter(Protocol):
         *,
         client_msg_id: str = "",
         final: bool = False,
+        frame_type: str = "",
     ) -> None: ...
 
     def join_result(self, edge_id: str, result: channel_pb2.JoinResult) -> None: ...
+
+    def linger(self, channel: Channel, user_id: str) -> None:
+        """``user_id``'s last connection left: call ``linger_expired`` after the linger."""
+
+    def cursor_moved(self, channel: Channel, user_id: str, seq: int) -> None:
+        """``user_id``'s read cursor moved forward to ``seq``: persist and announce it."""
 
 
 class PublishLike(Protocol):
@@ -77,9 +95,30 @@ def refuse_publish(
         edge_id,
         pub.conn_id,
         channel_id,
-        wire.error_frame(kind, clientMsgId=pub.client_msg_id if pub.client_supplied_id else None),
+        wire.error_frame(
+            kind,
+            channel_id=channel_id,
+            clientMsgId=pub.client_msg_id if pub.client_supplied_id else None,
+        ),
         client_msg_id=pub.client_msg_id,
         final=True,
+    )
+
+
+def storable(msg: store_pb2.NewMessage) -> bool:
+    """False for a message the store would refuse: NUL in any text field
+    (PostgreSQL text cannot hold it). The edge checks client fields and
+    token claims alike; this holds for any edge on the other end."""
+    return not any(
+        "\x00" in value
+        for value in (
+            msg.user_id,
+            msg.username,
+            msg.avatar_url,
+            msg.content,
+            msg.thread_id,
+            msg.client_msg_id,
+        )
     )
 
 
@@ -102,7 +141,8 @@ class OnlineUser:
     username: str
     joined_at_ms: int
     status: str
-    conns: int = 0
+    # The user's connections in the channel; empty while the user lingers.
+    conns: set[ConnKey] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -127,6 +167,9 @@ class ChannelPolicy:
     # connections - otherwise filling a channel costs O(members^2) frames.
     online_users_limit: int = 1000
     presence_fanout_limit: int = 1000
+    # Seconds a user whose last connection left stays online before
+    # `user_disconnected` goes out (0: at once).
+    presence_linger: float = 0.0
 
 
 @dataclass(slots=True)
@@ -140,8 +183,10 @@ class Channel:
     users: dict[str, OnlineUser] = field(default_factory=dict)
     edges: collections.Counter[str] = field(default_factory=collections.Counter)
     typing: set[str] = field(default_factory=set)
+    cursors: dict[str, int] = field(default_factory=dict)  # user id -> read seq, members only
     pending: list[PendingPublish] = field(default_factory=list)
     committing: bool = False
+    active_at: float = 0.0  # time.monotonic() of its last event (for hibernation)
 
     @classmethod
     def from_state(
@@ -169,11 +214,11 @@ class Channel:
 
     def online_users(self, first: str = "") -> list[dict[str, Any]]:
         """Online users, ``first`` (the joiner) leading, at most ``online_users_limit``."""
-        users: Iterable[OnlineUser] = self.users.values()
-        if len(self.users) > self.policy.online_users_limit:
-            head = [self.users[first]] if first in self.users else []
-            rest = (u for u in users if u.user_id != first)
-            users = head + list(itertools.islice(rest, self.policy.online_users_limit - len(head)))
+        head = [self.users[first]] if first in self.users else []
+        rest = (u for u in self.users.values() if u.user_id != first)
+        users: Iterable[OnlineUser] = itertools.chain(
+            head, itertools.islice(rest, self.policy.online_users_limit - len(head))
+        )
         return [
             {
                 "userId": u.user_id,
@@ -184,7 +229,8 @@ class Channel:
             for u in users
         ]
 
-    def _announces_presence(self) -> bool:
+    def announces_presence(self) -> bool:
+        """Small enough for per-user announcements (joins, leaves, read receipts)."""
         return len(self.conns) <= self.policy.presence_fanout_limit
 
     def join(self, conn: Conn, *, rejoin: bool, emit: Emitter) -> None:
@@ -195,7 +241,7 @@ class Channel:
             user = self.users.get(conn.user_id)
             if len(self.conns) >= self.max_connections:
                 refusal = "channel_full"
-            elif user is not None and user.conns >= self.policy.max_user_connections:
+            elif user is not None and len(user.conns) >= self.policy.max_user_connections:
                 refusal = "user_limit"
         if refusal:
             emit.join_result(
@@ -216,20 +262,27 @@ class Channel:
             user = self.users.get(conn.user_id)
             if user is None:
                 self.users[conn.user_id] = OnlineUser(
-                    conn.user_id, conn.username, conn.joined_at_ms, conn.status, conns=1
+                    conn.user_id, conn.username, conn.joined_at_ms, conn.status, conns={key}
                 )
-                if not rejoin and self._announces_presence():
+                if not rejoin and self.announces_presence():
                     emit.broadcast(
                         self,
-                        wire.user_connected_frame(user_id=conn.user_id, username=conn.username),
+                        wire.user_connected_frame(
+                            channel_id=self.channel_id,
+                            user_id=conn.user_id,
+                            username=conn.username,
+                        ),
                         frame_type="user_connected",
                         exclude_user_id=conn.user_id,
                         ephemeral=True,
                     )
             else:
-                user.conns += 1
+                came_back = not user.conns  # within the linger: no user_connected
+                user.conns.add(key)
                 if rejoin:
                     user.status = conn.status
+                elif came_back and user.status != conn.status:
+                    self.set_user_status(conn, conn.status, emit)
         initial = b""
         if not rejoin:
             initial = wire.initial_state_frame(
@@ -238,6 +291,7 @@ class Channel:
                 online_users=self.online_users(first=conn.user_id),
                 online_count=len(self.users),
                 last_seq=self.last_seq,
+                read_seq=self.cursors.get(conn.user_id, 0),
             )
         emit.join_result(
             conn.edge_id,
@@ -256,7 +310,8 @@ class Channel:
             user.status = status
 
     def leave(self, edge_id: str, conn_id: int, emit: Emitter) -> None:
-        conn = self.conns.pop((edge_id, conn_id), None)
+        key = (edge_id, conn_id)
+        conn = self.conns.pop(key, None)
         if conn is None:
             return
         self.edges[edge_id] -= 1
@@ -265,28 +320,79 @@ class Channel:
         user = self.users.get(conn.user_id)
         if user is None:
             return
-        user.conns -= 1
-        if user.conns > 0:
+        user.conns.discard(key)
+        if user.conns:
             return
-        del self.users[conn.user_id]
         if conn.user_id in self.typing:
+            # A departed user stops typing at once, linger or not.
             self.typing.discard(conn.user_id)
             emit.broadcast(
                 self,
-                wire.typing_frame(user_id=conn.user_id, username=conn.username, is_typing=False),
+                wire.typing_frame(
+                    channel_id=self.channel_id,
+                    user_id=conn.user_id,
+                    username=conn.username,
+                    is_typing=False,
+                ),
                 frame_type="typing",
                 exclude_user_id=conn.user_id,
                 ephemeral=True,
             )
-        if not self._announces_presence():
+        if self.policy.presence_linger > 0:
+            emit.linger(self, conn.user_id)
+        else:
+            self._gone(user, emit)
+
+    def linger_expired(self, user_id: str, emit: Emitter) -> bool:
+        """The linger of ``user_id``'s departure is over: announce it unless the
+        user came back. True if the user is gone now."""
+        user = self.users.get(user_id)
+        if user is None or user.conns:
+            return False
+        self._gone(user, emit)
+        return True
+
+    def _gone(self, user: OnlineUser, emit: Emitter) -> None:
+        del self.users[user.user_id]
+        self.cursors.pop(user.user_id, None)
+        if not self.announces_presence():
             return
         emit.broadcast(
             self,
-            wire.user_disconnected_frame(user_id=conn.user_id, username=conn.username),
+            wire.user_disconnected_frame(
+                channel_id=self.channel_id, user_id=user.user_id, username=user.username
+            ),
             frame_type="user_disconnected",
-            exclude_user_id=conn.user_id,
+            exclude_user_id=user.user_id,
             ephemeral=True,
         )
+
+    def restore_user(self, user_id: str, *, status: str, joined_at_ms: int) -> None:
+        """Put back what a re-registered user had before the channel slept: the
+        user-level presence status (a user's connections may disagree) and
+        when the user joined."""
+        user = self.users.get(user_id)
+        if user is None or not user.conns:
+            return
+        if status in wire.PRESENCE_STATUSES:
+            user.status = status
+        if joined_at_ms:
+            user.joined_at_ms = joined_at_ms
+
+    def depart_unregistered(
+        self, user_id: str, username: str, status: str, joined_at_ms: int, emit: Emitter
+    ) -> None:
+        """A user the channel knew before it slept, whose connections no edge
+        re-registered, has left: it departs as a member whose last connection
+        left (the presence linger, then ``user_disconnected``)."""
+        if user_id in self.users:
+            return
+        user = OnlineUser(user_id, username, joined_at_ms, status)
+        self.users[user_id] = user
+        if self.policy.presence_linger > 0:
+            emit.linger(self, user_id)
+        else:
+            self._gone(user, emit)
 
     def drop_session(self, edge_id: str, keep_session: int | None, emit: Emitter) -> int:
         """Remove ``edge_id``'s connections not re-registered by session ``keep_session``."""
@@ -311,7 +417,12 @@ class Channel:
             self.typing.discard(conn.user_id)
         emit.broadcast(
             self,
-            wire.typing_frame(user_id=conn.user_id, username=conn.username, is_typing=is_typing),
+            wire.typing_frame(
+                channel_id=self.channel_id,
+                user_id=conn.user_id,
+                username=conn.username,
+                is_typing=is_typing,
+            ),
             frame_type="typing",
             exclude_user_id=conn.user_id,
             ephemeral=True,
@@ -322,17 +433,61 @@ class Channel:
         if conn is None or status not in wire.PRESENCE_STATUSES:
             return
         conn.status = status
+        self.set_user_status(conn, status, emit)
+
+    def set_user_status(self, conn: Conn, status: str, emit: Emitter) -> None:
         user = self.users.get(conn.user_id)
         if user is None or user.status == status:
             return
         user.status = status
         emit.broadcast(
             self,
-            wire.presence_frame(user_id=conn.user_id, username=conn.username, status=status),
+            wire.presence_frame(
+                channel_id=self.channel_id,
+                user_id=conn.user_id,
+                username=conn.username,
+                status=status,
+            ),
             frame_type="presence",
             exclude_user_id=conn.user_id,
             ephemeral=True,
         )
+
+    # -- read cursors -------------------------------------------------------
+
+    def read(self, edge_id: str, conn_id: int, seq: int, emit: Emitter) -> int:
+        """A connection read up to ``seq``: move its user's cursor there (clamped
+        to the sequence head). Returns the new cursor, or 0 if it did not move
+        (unknown connection, seq 0, or not past the cursor)."""
+        conn = self.conns.get((edge_id, conn_id))
+        if conn is None or seq <= 0:
+            return 0
+        return self.move_cursor(
+            conn.user_id, min(seq, self.last_seq), emit, source=(edge_id, conn_id)
+        )
+
+    def move_cursor(
+        self, user_id: str, seq: int, emit: Emitter, *, source: ConnKey | None = None
+    ) -> int:
+        """Move ``user_id``'s cursor forward to ``seq`` and tell the user's
+        connections but ``source`` at once. Returns the new cursor or 0."""
+        if seq <= self.cursors.get(user_id, 0):
+            return 0
+        user = self.users.get(user_id)
+        if user is not None:  # cached while a member only
+            self.cursors[user_id] = seq
+            others = [key for key in user.conns if key != source]
+            if others:
+                frame = wire.read_frame(channel_id=self.channel_id, user_id=user_id, seq=seq)
+                for edge_id, conn_id in others:
+                    emit.reply(edge_id, conn_id, self.channel_id, frame, frame_type="read")
+        emit.cursor_moved(self, user_id, seq)
+        return seq
+
+    def stored_cursor(self, user_id: str, seq: int) -> None:
+        """The store's value of a member's cursor (authoritative: never lower than ours)."""
+        if user_id in self.users and seq > self.cursors.get(user_id, 0):
+            self.cursors[user_id] = seq
 
     # -- messages -----------------------------------------------------------
 
@@ -356,8 +511,6 @@ class Channel:
             kind = wire.EMPTY_MESSAGE
         elif len(pub.content) > max_length:
             kind = wire.MESSAGE_TOO_LONG
-        elif "\x00" in pub.content or "\x00" in pub.thread_id or "\x00" in pub.client_msg_id:
-            kind = wire.INVALID_FIELD
         if kind is not None or conn is None:
             refuse_publish(emit, edge_id, self.channel_id, pub, kind or wire.NOT_JOINED)
             return None
@@ -379,6 +532,11 @@ class Channel:
                 client_msg_id=pub.client_msg_id or str(uuid.uuid4()),
             ),
         )
+        if not storable(pending.message):
+            # Refused alone here, not inside a group commit with other
+            # channels' messages.
+            refuse_publish(emit, edge_id, self.channel_id, pub, wire.INVALID_FIELD)
+            return None
         self.pending.append(pending)
         return pending
 
@@ -393,7 +551,9 @@ class Channel:
         last_seq: int,
         emit: Emitter,
     ) -> None:
-        """Broadcast what the store made durable (in seq order) and ack the senders."""
+        """Broadcast what the store made durable (in seq order), ack the senders
+        and move each sender's read cursor to its newest message."""
+        sent: dict[str, tuple[int, ConnKey]] = {}  # user id -> (newest seq, its connection)
         for pending, result in zip(pendings, results, strict=True):
             msg = pending.message
             body = wire.message_body(
@@ -413,6 +573,7 @@ class Channel:
                 pending.conn_id,
                 self.channel_id,
                 wire.ack_frame(
+                    channel_id=self.channel_id,
                     client_msg_id=pending.client_msg_id if pending.client_supplied_id else None,
                     id=result.id,
                     seq=result.seq,
@@ -421,7 +582,14 @@ class Channel:
                 client_msg_id=pending.client_msg_id,
                 final=True,
             )
+            newest = sent.get(msg.user_id)
+            if newest is None or result.seq > newest[0]:
+                sent[msg.user_id] = (result.seq, (pending.edge_id, pending.conn_id))
         self.last_seq = max(self.last_seq, last_seq)
+        # Sending a message reads the channel up to it: one move per sender
+        # and commit, its other connections told (the sending one has its ack).
+        for user_id, (seq, source) in sent.items():
+            self.move_cursor(user_id, seq, emit, source=source)
 
     def broadcast_stored(self, body: dict[str, Any], *, received_at_ns: int, emit: Emitter) -> None:
         """Broadcast one durable message. A duplicate (seq already known) is sent

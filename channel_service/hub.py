@@ -14,8 +14,14 @@ Contract:
 * A session that ends leaves its connections registered for a grace period,
   so an edge that re-attaches and re-registers them causes no presence
   flapping; whatever it did not re-register is removed after the grace.
-* Idle channels (no members, nothing pending) are evicted at once; they are
-  rebuilt from the store and the edges' re-registrations on next use.
+* Which channels are in memory, loading, asleep or waking is the
+  lifecycle's (``channel_service.lifecycle``): channels with no members are
+  forgotten at once, idle channels with members hibernate, and any event
+  wakes them, invisibly to clients.
+* The presence linger (``presence.Linger``) and read cursors
+  (``receipts.ReadReceipts``: batched store writes, coalesced receipts) are
+  separate parts the hub wires to its channels; each runs one timer or task
+  for the whole shard.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -36,7 +43,10 @@ from channel_service.channel import (
     PendingPublish,
     refuse_publish,
 )
+from channel_service.lifecycle import Backlog, Lifecycle, LifecycleConfig
 from channel_service.metrics import ChannelMetrics
+from channel_service.presence import Linger
+from channel_service.receipts import CursorWriter, ReadReceipts
 from waddle_common import wire
 from waddle_common.store_client import StoreClient, StoreUnavailable, stored_to_body
 from waddle_pb import channel_pb2, store_pb2
@@ -53,6 +63,10 @@ class HubConfig:
     rejoin_grace: float = 5.0
     retry_initial: float = 0.05
     retry_max: float = 1.0
+    receipt_interval: float = 1.0  # at most one read receipt per user and channel this often
+    idle_seconds: float = 0.0  # hibernate channels idle this long (0: never)
+    rehydrate_timeout: float = 5.0
+    background_concurrency: int = 8
 
 
 @dataclass(eq=False)
@@ -84,19 +98,26 @@ class Session:
         self.wake.set()
 
 
-@dataclass(slots=True)
-class _Loading:
-    backlog: list[tuple[Session, channel_pb2.EdgeEvent]] = field(default_factory=list)
-
-
 class Hub:
     def __init__(self, config: HubConfig, store: StoreClient, metrics: ChannelMetrics) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
-        self.channels: dict[str, Channel] = {}
-        self._loading: dict[str, _Loading] = {}
+        self.life = Lifecycle(
+            self,
+            store,
+            metrics,
+            config=LifecycleConfig(
+                idle_seconds=config.idle_seconds,
+                rehydrate_timeout=config.rehydrate_timeout,
+                background_concurrency=config.background_concurrency,
+                retry_initial=config.retry_initial,
+                retry_max=config.retry_max,
+            ),
+            policy=config.policy,
+            default_max_connections=config.default_max_connections,
+        )
         self._dirty: dict[str, Channel] = {}
         self._commit_wake = asyncio.Event()
         self._generation = 0
@@ -104,30 +125,51 @@ class Hub:
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._committer: asyncio.Task[None] | None = None
-        self._members = 0
-        metrics.active_channels.set_function(lambda: len(self.channels))
-        metrics.members.set_function(lambda: self._members)
+        self.departures = Linger(config.policy.presence_linger, self._linger_expired)
+        self.reads = ReadReceipts(
+            CursorWriter(
+                store,
+                metrics,
+                stored=self._cursors_stored,
+                retry_initial=config.retry_initial,
+                retry_max=config.retry_max,
+            ),
+            self._announce_read,
+            interval=config.receipt_interval,
+        )
+        metrics.active_channels.set_function(lambda: len(self.life.channels))
+        metrics.hibernated_channels.set_function(lambda: len(self.life.sleeping))
+        metrics.members.set_function(self.life.members)
         metrics.edge_streams.set_function(lambda: len(self.sessions))
 
-    # -- lifecycle ----------------------------------------------------------
+    @property
+    def channels(self) -> dict[str, Channel]:
+        """The awake channels."""
+        return self.life.channels
+
+    # -- start and stop -----------------------------------------------------
 
     def start(self) -> None:
         self._committer = asyncio.create_task(self._commit_loop(), name="committer")
+        self.reads.start()
 
     async def stop(self) -> None:
         for session in list(self.sessions.values()):
             session.close()
         for handle in self._grace.values():
             handle.cancel()
+        self.departures.stop()
+        self.life.stop()
         tasks = [*self._tasks, *([self._committer] if self._committer else [])]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.reads.stop()
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -150,6 +192,8 @@ class Hub:
         # re-register within the grace period is gone.
         if previous is not None or handle is not None:
             self._schedule_drop(edge_id)
+        if previous is not None:
+            self.life.session_ended(edge_id)
         log.info("edge attached", extra={"edge_id": edge_id, "generation": session.generation})
         return session
 
@@ -158,6 +202,7 @@ class Hub:
         if self.sessions.get(session.edge_id) is session:
             del self.sessions[session.edge_id]
             self._schedule_drop(session.edge_id)
+            self.life.session_ended(session.edge_id)
         log.info("edge detached", extra={"edge_id": session.edge_id})
 
     def _schedule_drop(self, edge_id: str) -> None:
@@ -175,8 +220,8 @@ class Hub:
         for channel in list(self.channels.values()):
             if edge_id in channel.edges:
                 dropped += channel.drop_session(edge_id, keep, self)
-                self._maybe_evict(channel)
-        self._members -= dropped
+                self.evict_if_idle(channel)
+        self.life.edge_stale(edge_id, keep)
         if dropped:
             log.info(
                 "dropped connections of a departed edge",
@@ -207,8 +252,11 @@ class Hub:
                 type=frame_type,
             )
         )
+        self._to_edges(channel.edges, event)
+
+    def _to_edges(self, edge_ids: Iterable[str], event: channel_pb2.ShardEvent) -> None:
         sent = 0
-        for edge_id in channel.edges:
+        for edge_id in edge_ids:
             session = self.sessions.get(edge_id)
             if session is not None:
                 session.send(event)
@@ -225,6 +273,7 @@ class Hub:
         *,
         client_msg_id: str = "",
         final: bool = False,
+        frame_type: str = "",
     ) -> None:
         session = self.sessions.get(edge_id)
         if session is not None:
@@ -236,6 +285,7 @@ class Hub:
                         payload=payload,
                         client_msg_id=client_msg_id,
                         final=final,
+                        type=frame_type,
                     )
                 )
             )
@@ -245,69 +295,122 @@ class Hub:
         if session is not None:
             session.send(channel_pb2.ShardEvent(join_result=result))
 
+    def linger(self, channel: Channel, user_id: str) -> None:
+        self.departures.depart(channel.channel_id, user_id)
+
+    def cursor_moved(self, channel: Channel, user_id: str, seq: int) -> None:
+        self.reads.moved(channel.channel_id, user_id, seq, receipt=channel.announces_presence())
+
+    # -- presence linger and read receipts ------------------------------------
+
+    def _linger_expired(self, channel_id: str, user_id: str) -> None:
+        channel = self.channels.get(channel_id)
+        if channel is not None and channel.linger_expired(user_id, self):
+            self.metrics.linger_expirations.inc()
+
+    def _announce_read(self, channel_id: str, user_id: str, seq: int) -> None:
+        """Broadcast a (coalesced) read receipt to the channel's other members
+        (a channel that fell asleep meanwhile: to the edges of its record)."""
+        channel = self.channels.get(channel_id)
+        if channel is not None:
+            if not channel.announces_presence():
+                return
+            edge_ids: Iterable[str] = channel.edges
+        else:
+            record = self.life.sleeping.get(channel_id)
+            if record is None:
+                return
+            if sum(share.count for share in record) > self.config.policy.presence_fanout_limit:
+                return
+            edge_ids = [share.edge_id for share in record]
+        self._to_edges(
+            edge_ids,
+            channel_pb2.ShardEvent(
+                deliver=channel_pb2.Deliver(
+                    channel_id=channel_id,
+                    payload=wire.read_frame(channel_id=channel_id, user_id=user_id, seq=seq),
+                    exclude_user_id=user_id,
+                    ephemeral=True,
+                    type="read",
+                )
+            ),
+        )
+        self.metrics.read_receipts.inc()
+
+    def _cursors_stored(self, cursors: list[store_pb2.ReadCursor]) -> None:
+        for cursor in cursors:
+            channel = self.channels.get(cursor.channel_id)
+            if channel is not None:
+                channel.stored_cursor(cursor.user_id, cursor.seq)
+
     # -- inbound ------------------------------------------------------------
 
     def handle(self, session: Session, event: channel_pb2.EdgeEvent) -> None:
-        kind = event.WhichOneof("kind")
-        if kind is None or kind == "hello":
-            return
-        channel_id: str = getattr(event, kind).channel_id
-        channel = self.channels.get(channel_id)
-        if channel is not None:
-            self._apply(channel, session, event)
-            return
-        loading = self._loading.get(channel_id)
-        if loading is not None:
-            loading.backlog.append((session, event))
-            return
-        if kind in ("leave", "typing", "presence"):
-            return  # nothing to act on in a channel nobody is in
-        if kind == "publish":
-            # A publish for a channel this shard does not hold: the sender is
-            # not (or no longer) registered here.
-            self._apply_unloaded_publish(session, event.publish)
-            return
-        self._loading[channel_id] = _Loading(backlog=[(session, event)])
-        self._spawn(self._load(channel_id), name=f"load:{channel_id}")
+        self.life.route(session, event)
 
-    def _apply_unloaded_publish(self, session: Session, pub: channel_pb2.Publish) -> None:
+    # -- what the lifecycle needs (``lifecycle.Host``) ----------------------
+
+    def session(self, edge_id: str) -> Session | None:
+        return self.sessions.get(edge_id)
+
+    def grace_pending(self, edge_id: str) -> bool:
+        return edge_id in self._grace
+
+    def refuse_unloaded_publish(self, session: Session, pub: channel_pb2.Publish) -> None:
         self.metrics.publishes.labels("refused").inc()
         refuse_publish(self, session.edge_id, pub.channel_id, pub, wire.NOT_JOINED)
 
-    def _apply(self, channel: Channel, session: Session, event: channel_pb2.EdgeEvent) -> None:
+    def channel_asleep(self, channel_id: str) -> None:
+        # Receipts already sent name the channel until their interval is over;
+        # let go of those now rather than at the shard's next receipt.
+        self.reads.coalescer.forget_old(time.monotonic())
+
+    def evict_if_idle(self, channel: Channel) -> None:
+        if channel.idle and self.channels.get(channel.channel_id) is channel:
+            del self.channels[channel.channel_id]
+            self.life.forgotten(channel)
+
+    def rejoin(self, channel: Channel, session: Session, join: channel_pb2.Join) -> None:
+        if not session.closed:
+            self._join(channel, session, join, rejoin=True)
+
+    def _join(
+        self, channel: Channel, session: Session, join: channel_pb2.Join, *, rejoin: bool
+    ) -> None:
+        m = join.member
+        channel.join(
+            Conn(
+                edge_id=session.edge_id,
+                conn_id=join.conn_id,
+                user_id=m.user_id,
+                username=m.username,
+                avatar_url=m.avatar_url,
+                can_write="write" in m.permissions,
+                joined_at_ms=m.joined_at_ms,
+                status=m.status or "online",
+                session=session.generation,
+            ),
+            rejoin=rejoin,
+            emit=self,
+        )
+
+    def apply(self, channel: Channel, session: Session, event: channel_pb2.EdgeEvent) -> None:
         if session.closed:
             return
+        channel.active_at = time.monotonic()
         edge_id = session.edge_id
         match event.WhichOneof("kind"):
             case "join":
-                join = event.join
-                m = join.member
-                before = len(channel.conns)
-                channel.join(
-                    Conn(
-                        edge_id=edge_id,
-                        conn_id=join.conn_id,
-                        user_id=m.user_id,
-                        username=m.username,
-                        avatar_url=m.avatar_url,
-                        can_write="write" in m.permissions,
-                        joined_at_ms=m.joined_at_ms,
-                        status=m.status or "online",
-                        session=session.generation,
-                    ),
-                    rejoin=join.rejoin,
-                    emit=self,
-                )
-                self._members += len(channel.conns) - before
+                self._join(channel, session, event.join, rejoin=event.join.rejoin)
             case "leave":
-                before = len(channel.conns)
                 channel.leave(edge_id, event.leave.conn_id, self)
-                self._members += len(channel.conns) - before
-                self._maybe_evict(channel)
+                self.evict_if_idle(channel)
             case "typing":
                 channel.set_typing(edge_id, event.typing.conn_id, event.typing.is_typing, self)
             case "presence":
                 channel.set_presence(edge_id, event.presence.conn_id, event.presence.status, self)
+            case "read":
+                channel.read(edge_id, event.read.conn_id, event.read.seq, self)
             case "publish":
                 pending = channel.publish(
                     edge_id,
@@ -318,50 +421,15 @@ class Hub:
                 )
                 if pending is None:
                     self.metrics.publishes.labels("refused").inc()
-                    self._maybe_evict(channel)
+                    self.evict_if_idle(channel)
                 else:
                     self._mark_dirty(channel)
             case _:
                 pass
 
-    def _maybe_evict(self, channel: Channel) -> None:
-        if channel.idle and self.channels.get(channel.channel_id) is channel:
-            del self.channels[channel.channel_id]
-
-    async def _load(self, channel_id: str) -> None:
-        delay = self.config.retry_initial
-        while True:
-            try:
-                state = await self.store.load_channel(channel_id, self.config.policy.recent_limit)
-            except StoreUnavailable as exc:
-                log.warning(
-                    "channel load failed", extra={"channel_id": channel_id, "error": str(exc)}
-                )
-                loading = self._loading[channel_id]
-                loading.backlog = self._refuse_backlog(loading.backlog)
-                if not loading.backlog:
-                    del self._loading[channel_id]
-                    return
-                # Re-registrations must not be refused: keep trying.
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.retry_max)
-                continue
-            channel = Channel.from_state(
-                state,
-                default_max=self.config.default_max_connections,
-                policy=self.config.policy,
-            )
-            self.channels[channel_id] = channel
-            for session, event in self._loading.pop(channel_id).backlog:
-                self._apply(channel, session, event)
-            self._maybe_evict(channel)
-            return
-
-    def _refuse_backlog(
-        self, backlog: list[tuple[Session, channel_pb2.EdgeEvent]]
-    ) -> list[tuple[Session, channel_pb2.EdgeEvent]]:
+    def refuse_backlog(self, backlog: Backlog) -> Backlog:
         """Answer what cannot wait for the store; return the re-registrations."""
-        keep: list[tuple[Session, channel_pb2.EdgeEvent]] = []
+        keep: Backlog = []
         for session, event in backlog:
             kind = event.WhichOneof("kind")
             if kind == "join" and event.join.rejoin:
@@ -418,7 +486,7 @@ class Hub:
                 channel.committing = False
                 if channel.pending:
                     self._mark_dirty(channel)
-                self._maybe_evict(channel)
+                self.evict_if_idle(channel)
             if ok:
                 delay = self.config.retry_initial
             else:
@@ -446,11 +514,13 @@ class Hub:
             self._requeue_or_fail(work)
             return False
         except grpc.aio.AioRpcError as exc:
-            # The store refused the batch as such (not a transient failure):
-            # retrying the same messages cannot succeed. Validation upstream
-            # should make this unreachable; settle the senders, never hang them.
+            # The store refused the request as such: retrying the same
+            # messages together cannot succeed. Split it until the refused
+            # message stands alone, so it never takes the others with it.
+            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT and _messages(work) > 1:
+                return await self._isolate(work)
             log.error(
-                "store refused a group commit",
+                "store refused a commit",
                 extra={"code": exc.code().name, "details": exc.details(), "channels": len(work)},
             )
             for channel, pendings in work:
@@ -475,6 +545,29 @@ class Hub:
                     self.metrics.publishes.labels("duplicate" if r.duplicate else "ok").inc()
                 channel.committed(pendings, result.results, result.last_seq, self)
         return True
+
+    async def _isolate(self, work: list[tuple[Channel, list[PendingPublish]]]) -> bool:
+        """Commit ``work`` in two halves, each split again while refused.
+
+        Halves of different channels are independent. Halves of one channel
+        keep its order: the second goes only once the first is settled, and
+        is queued behind it when the first was put back (fenced, or the
+        store became unavailable)."""
+        self.metrics.commit_splits.inc()
+        if len(work) > 1:
+            mid = len(work) // 2
+            first = await self._commit(work[:mid])
+            return await self._commit(work[mid:]) and first
+        [(channel, pendings)] = work
+        mid = len(pendings) // 2
+        head, tail = pendings[:mid], pendings[mid:]
+        ok = await self._commit([(channel, head)])
+        waiting = {id(p) for p in head}
+        put_back = sum(1 for p in channel.pending if id(p) in waiting)  # at the front
+        if put_back:
+            channel.pending[put_back:put_back] = tail
+            return ok
+        return await self._commit([(channel, tail)]) and ok
 
     def _requeue_or_fail(self, work: list[tuple[Channel, list[PendingPublish]]]) -> None:
         now = time.monotonic()
@@ -508,3 +601,7 @@ class Hub:
         except StoreUnavailable:
             pass
         channel.last_seq = max(channel.last_seq, store_head)
+
+
+def _messages(work: list[tuple[Channel, list[PendingPublish]]]) -> int:
+    return sum(len(pendings) for _, pendings in work)

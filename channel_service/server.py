@@ -85,9 +85,14 @@ async def serve(settings: Settings) -> None:
                 max_user_connections=settings.user_max_connections,
                 online_users_limit=settings.online_users_limit,
                 presence_fanout_limit=settings.presence_fanout_limit,
+                presence_linger=settings.presence_linger_seconds,
             ),
             publish_timeout=settings.publish_timeout_seconds,
             rejoin_grace=settings.rejoin_grace_seconds,
+            idle_seconds=settings.channel_idle_seconds,
+            # A join that wakes a channel must still be answered within the
+            # edge's join timeout.
+            rehydrate_timeout=settings.join_timeout_seconds / 2,
         ),
         store,
         metrics,

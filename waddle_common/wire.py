@@ -1,10 +1,12 @@
-"""Server-to-client frames of the v1 protocol and the table of client-visible errors.
+"""Server-to-client frames of the v1/v1.1 protocol and the table of client-visible errors.
 
 The channel owner encodes every frame exactly once (``orjson``) and ships the
 bytes to the edges, which write them unchanged to each socket; the edge
 encodes only the frames it answers itself (``pong``, its own ``error``\\s,
 replay). Keeping encoders and the error table here means both sides speak
-one vocabulary. Pure: no I/O.
+one vocabulary. Every frame about a channel carries a top-level
+``channelId`` (v1.1; v1 clients ignore it), which is why the channel's id is
+a required argument of those encoders. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ NOT_JOINED = ErrorKind("not_joined", "Not joined to this channel", retryable=Tru
 UNAVAILABLE = ErrorKind("unavailable", "Channel temporarily unavailable", retryable=True)
 RATE_LIMITED = ErrorKind("rate_limited", "Rate limited", retryable=True)
 REJECTED = ErrorKind("rejected", "Message could not be stored")
+# Protocol v1.1 (the multiplexed endpoint): what v1 refuses before the
+# upgrade, and subscription bookkeeping.
+FORBIDDEN = ErrorKind("forbidden", "Forbidden")
+CHANNEL_FULL = ErrorKind("channel_full", "Channel full", retryable=True)
+USER_LIMIT = ErrorKind("user_limit", "Too many connections", retryable=True)
+TOO_MANY_SUBSCRIPTIONS = ErrorKind("too_many_subscriptions", "Too many subscriptions")
+NOT_SUBSCRIBED = ErrorKind("not_subscribed", "Not subscribed to this channel")
+ALREADY_SUBSCRIBED = ErrorKind("already_subscribed", "Already subscribed to this channel")
 
 ERRORS: tuple[ErrorKind, ...] = (
     INVALID_FORMAT,
@@ -55,6 +65,12 @@ ERRORS: tuple[ErrorKind, ...] = (
     UNAVAILABLE,
     RATE_LIMITED,
     REJECTED,
+    FORBIDDEN,
+    CHANNEL_FULL,
+    USER_LIMIT,
+    TOO_MANY_SUBSCRIPTIONS,
+    NOT_SUBSCRIBED,
+    ALREADY_SUBSCRIBED,
 )
 ERRORS_BY_CODE: Mapping[str, ErrorKind] = {e.code: e for e in ERRORS}
 
@@ -76,12 +92,15 @@ def _dumps(obj: Mapping[str, Any]) -> bytes:
     return orjson.dumps(obj)
 
 
-def error_frame(kind: ErrorKind, detail: str | None = None, **extra: Any) -> bytes:
-    body: dict[str, Any] = {
-        "type": "error",
-        "message": f"{kind.message}: {detail}" if detail else kind.message,
-        "code": kind.code,
-    }
+def error_frame(
+    kind: ErrorKind, detail: str | None = None, *, channel_id: str | None = None, **extra: Any
+) -> bytes:
+    """An ``error`` frame; ``channel_id`` when it refuses something about a channel."""
+    body: dict[str, Any] = {"type": "error"}
+    if channel_id is not None:
+        body["channelId"] = channel_id
+    body["message"] = f"{kind.message}: {detail}" if detail else kind.message
+    body["code"] = kind.code
     if kind.retryable:
         body["retryable"] = True
     body.update({k: v for k, v in extra.items() if v is not None})
@@ -115,13 +134,17 @@ def message_body(
 
 
 def message_frame(body: Mapping[str, Any]) -> bytes:
-    return _dumps({"type": "message", "message": body})
+    """A ``message`` frame; its top-level ``channelId`` is the message's own."""
+    return _dumps({"type": "message", "channelId": body["channelId"], "message": body})
 
 
-def ack_frame(*, client_msg_id: str | None, id: str, seq: int, timestamp_ms: int) -> bytes:
+def ack_frame(
+    *, channel_id: str, client_msg_id: str | None, id: str, seq: int, timestamp_ms: int
+) -> bytes:
     return _dumps(
         {
             "type": "ack",
+            "channelId": channel_id,
             "clientMsgId": client_msg_id,
             "id": id,
             "seq": seq,
@@ -130,22 +153,50 @@ def ack_frame(*, client_msg_id: str | None, id: str, seq: int, timestamp_ms: int
     )
 
 
-def typing_frame(*, user_id: str, username: str, is_typing: bool) -> bytes:
+def typing_frame(*, channel_id: str, user_id: str, username: str, is_typing: bool) -> bytes:
     return _dumps(
-        {"type": "typing", "userId": user_id, "username": username, "isTyping": is_typing}
+        {
+            "type": "typing",
+            "channelId": channel_id,
+            "userId": user_id,
+            "username": username,
+            "isTyping": is_typing,
+        }
     )
 
 
-def presence_frame(*, user_id: str, username: str, status: str) -> bytes:
-    return _dumps({"type": "presence", "userId": user_id, "username": username, "status": status})
+def presence_frame(*, channel_id: str, user_id: str, username: str, status: str) -> bytes:
+    return _dumps(
+        {
+            "type": "presence",
+            "channelId": channel_id,
+            "userId": user_id,
+            "username": username,
+            "status": status,
+        }
+    )
 
 
-def user_connected_frame(*, user_id: str, username: str) -> bytes:
-    return _dumps({"type": "user_connected", "userId": user_id, "username": username})
+def user_connected_frame(*, channel_id: str, user_id: str, username: str) -> bytes:
+    return _dumps(
+        {"type": "user_connected", "channelId": channel_id, "userId": user_id, "username": username}
+    )
 
 
-def user_disconnected_frame(*, user_id: str, username: str) -> bytes:
-    return _dumps({"type": "user_disconnected", "userId": user_id, "username": username})
+def user_disconnected_frame(*, channel_id: str, user_id: str, username: str) -> bytes:
+    return _dumps(
+        {
+            "type": "user_disconnected",
+            "channelId": channel_id,
+            "userId": user_id,
+            "username": username,
+        }
+    )
+
+
+def read_frame(*, channel_id: str, user_id: str, seq: int) -> bytes:
+    """A read cursor moved: to the user's other connections, and as a receipt to others."""
+    return _dumps({"type": "read", "channelId": channel_id, "userId": user_id, "seq": seq})
 
 
 def initial_state_frame(
@@ -155,21 +206,31 @@ def initial_state_frame(
     online_users: Iterable[Mapping[str, Any]],
     online_count: int,
     last_seq: int,
+    read_seq: int = 0,
 ) -> bytes:
+    """``read_seq``: the joiner's read cursor when the owner knows it (the
+    user has another connection here); the edge adds what the store knows."""
+    body: dict[str, Any] = {
+        "type": "initial_state",
+        "channelId": channel_id,
+        "messages": list(messages),
+        "onlineUsers": list(online_users),
+        "onlineCount": online_count,
+        "lastSeq": last_seq,
+    }
+    if read_seq:
+        body["readSeq"] = read_seq
+    return _dumps(body)
+
+
+def sync_complete_frame(*, last_seq: int, count: int, channel_id: str) -> bytes:
     return _dumps(
-        {
-            "type": "initial_state",
-            "channelId": channel_id,
-            "messages": list(messages),
-            "onlineUsers": list(online_users),
-            "onlineCount": online_count,
-            "lastSeq": last_seq,
-        }
+        {"type": "sync_complete", "channelId": channel_id, "lastSeq": last_seq, "count": count}
     )
 
 
-def sync_complete_frame(*, last_seq: int, count: int) -> bytes:
-    return _dumps({"type": "sync_complete", "lastSeq": last_seq, "count": count})
+def unsubscribed_frame(channel_id: str) -> bytes:
+    return _dumps({"type": "unsubscribed", "channelId": channel_id})
 
 
 PONG_FRAME: bytes = _dumps({"type": "pong"})

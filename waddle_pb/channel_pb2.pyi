@@ -61,6 +61,8 @@ class EdgeEvent(_message.Message):
     PUBLISH_FIELD_NUMBER: _builtins.int
     TYPING_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
+    READ_FIELD_NUMBER: _builtins.int
+    REHYDRATED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -73,6 +75,10 @@ class EdgeEvent(_message.Message):
     def typing(self) -> Global___Typing: ...
     @_builtins.property
     def presence(self) -> Global___Presence: ...
+    @_builtins.property
+    def read(self) -> Global___Read: ...
+    @_builtins.property
+    def rehydrated(self) -> Global___Rehydrated: ...
     def __init__(
         self,
         *,
@@ -82,12 +88,14 @@ class EdgeEvent(_message.Message):
         publish: Global___Publish | None = ...,
         typing: Global___Typing | None = ...,
         presence: Global___Presence | None = ...,
+        read: Global___Read | None = ...,
+        rehydrated: Global___Rehydrated | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "join", b"join", "kind", b"kind", "leave", b"leave", "presence", b"presence", "publish", b"publish", "typing", b"typing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "join", b"join", "kind", b"kind", "leave", b"leave", "presence", b"presence", "publish", b"publish", "read", b"read", "rehydrated", b"rehydrated", "typing", b"typing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "join", b"join", "kind", b"kind", "leave", b"leave", "presence", b"presence", "publish", b"publish", "typing", b"typing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "join", b"join", "kind", b"kind", "leave", b"leave", "presence", b"presence", "publish", b"publish", "read", b"read", "rehydrated", b"rehydrated", "typing", b"typing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "join", "leave", "publish", "typing", "presence"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "join", "leave", "publish", "typing", "presence", "read", "rehydrated"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -302,6 +310,64 @@ class Presence(_message.Message):
 Global___Presence: _TypeAlias = Presence  # noqa: Y015
 
 @_typing.final
+class Read(_message.Message):
+    """The connection's user has read the channel up to seq (a read cursor;
+    it never moves back).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONN_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    conn_id: _builtins.int
+    channel_id: _builtins.str
+    seq: _builtins.int
+    def __init__(
+        self,
+        *,
+        conn_id: _builtins.int = ...,
+        channel_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "conn_id", b"conn_id", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Read: _TypeAlias = Read  # noqa: Y015
+
+@_typing.final
+class Rehydrated(_message.Message):
+    """The answer to a Rehydrate: every connection of the channel this edge had
+    registered (not those still waiting for their first JoinResult), as
+    silent re-registrations (rejoin = true). Events the edge queued before it
+    are already on the stream; events after it follow it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    channel_id: _builtins.str
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Join]: ...
+    def __init__(
+        self,
+        *,
+        channel_id: _builtins.str = ...,
+        members: _abc.Iterable[Global___Join] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rehydrated: _TypeAlias = Rehydrated  # noqa: Y015
+
+@_typing.final
 class ShardBatch(_message.Message):
     """---------------------------------------------------------------- shard -> edge"""
 
@@ -330,24 +396,32 @@ class ShardEvent(_message.Message):
     JOIN_RESULT_FIELD_NUMBER: _builtins.int
     DELIVER_FIELD_NUMBER: _builtins.int
     REPLY_FIELD_NUMBER: _builtins.int
+    REHYDRATE_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def join_result(self) -> Global___JoinResult: ...
     @_builtins.property
     def deliver(self) -> Global___Deliver: ...
     @_builtins.property
     def reply(self) -> Global___Reply: ...
+    @_builtins.property
+    def rehydrate(self) -> Global___Rehydrate: ...
+    @_builtins.property
+    def head(self) -> Global___Head: ...
     def __init__(
         self,
         *,
         join_result: Global___JoinResult | None = ...,
         deliver: Global___Deliver | None = ...,
         reply: Global___Reply | None = ...,
+        rehydrate: Global___Rehydrate | None = ...,
+        head: Global___Head | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "join_result", b"join_result", "kind", b"kind", "reply", b"reply"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "head", b"head", "join_result", b"join_result", "kind", b"kind", "rehydrate", b"rehydrate", "reply", b"reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "join_result", b"join_result", "kind", b"kind", "reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "head", b"head", "join_result", b"join_result", "kind", b"kind", "rehydrate", b"rehydrate", "reply", b"reply"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["join_result", "deliver", "reply"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["join_result", "deliver", "reply", "rehydrate", "head"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -446,6 +520,7 @@ class Reply(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     CLIENT_MSG_ID_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
     conn_id: _builtins.int
     channel_id: _builtins.str
     payload: _builtins.bytes
@@ -453,6 +528,8 @@ class Reply(_message.Message):
     """For acks and publish errors: the idempotency key of the publish it answers."""
     final: _builtins.bool
     """the publish is settled (acked or permanently refused)"""
+    type: _builtins.str
+    """the frame's "type", for metrics ("" for ack/error of a publish)"""
     def __init__(
         self,
         *,
@@ -461,11 +538,62 @@ class Reply(_message.Message):
         payload: _builtins.bytes = ...,
         client_msg_id: _builtins.str = ...,
         final: _builtins.bool = ...,
+        type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "client_msg_id", b"client_msg_id", "conn_id", b"conn_id", "final", b"final", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "client_msg_id", b"client_msg_id", "conn_id", b"conn_id", "final", b"final", "payload", b"payload", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Reply: _TypeAlias = Reply  # noqa: Y015
+
+@_typing.final
+class Rehydrate(_message.Message):
+    """The owner is waking a hibernated channel: answer with one Rehydrated
+    listing this edge's connections of it. Clients see nothing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    channel_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        channel_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rehydrate: _TypeAlias = Rehydrate  # noqa: Y015
+
+@_typing.final
+class Head(_message.Message):
+    """The channel's sequence head, for a channel this owner took over asleep
+    (its connections re-registered after a shard restart): connections whose
+    cursor is behind catch up from the store, as after a JoinResult.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    channel_id: _builtins.str
+    last_seq: _builtins.int
+    def __init__(
+        self,
+        *,
+        channel_id: _builtins.str = ...,
+        last_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "last_seq", b"last_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Head: _TypeAlias = Head  # noqa: Y015

@@ -1,5 +1,6 @@
-"""The channel actor without I/O: membership, presence, typing, capacity,
-publish validation and in-order broadcast of committed messages."""
+"""The channel actor without I/O: membership, presence (and its linger),
+typing, capacity, read cursors, publish validation and in-order broadcast of
+committed messages."""
 
 from __future__ import annotations
 
@@ -17,27 +18,39 @@ from waddle_pb import channel_pb2, store_pb2
 class Recorder:
     broadcasts: list[dict[str, Any]] = field(default_factory=list)
     replies: list[tuple[str, int, dict[str, Any], bool]] = field(default_factory=list)
+    reply_types: list[str] = field(default_factory=list)
     results: list[tuple[str, channel_pb2.JoinResult]] = field(default_factory=list)
+    lingering: list[str] = field(default_factory=list)
+    moved: list[tuple[str, int]] = field(default_factory=list)
 
     def broadcast(self, channel: Channel, payload: bytes, **kw: Any) -> None:
         self.broadcasts.append({"frame": orjson.loads(payload), "edges": dict(channel.edges), **kw})
 
     def reply(self, edge_id: str, conn_id: int, channel_id: str, payload: bytes, **kw: Any) -> None:
         self.replies.append((edge_id, conn_id, orjson.loads(payload), kw.get("final", False)))
+        self.reply_types.append(kw.get("frame_type", ""))
 
     def join_result(self, edge_id: str, result: channel_pb2.JoinResult) -> None:
         self.results.append((edge_id, result))
+
+    def linger(self, channel: Channel, user_id: str) -> None:
+        self.lingering.append(user_id)
+
+    def cursor_moved(self, channel: Channel, user_id: str, seq: int) -> None:
+        self.moved.append((user_id, seq))
 
     def types(self) -> list[str]:
         return [b["frame"]["type"] for b in self.broadcasts]
 
 
-def make_channel(max_connections: int = 10) -> Channel:
+def make_channel(max_connections: int = 10, *, linger: float = 0.0) -> Channel:
     return Channel(
         channel_id="c1",
         last_seq=0,
         max_connections=max_connections,
-        policy=ChannelPolicy(recent_limit=3, online_users_limit=3, presence_fanout_limit=4),
+        policy=ChannelPolicy(
+            recent_limit=3, online_users_limit=3, presence_fanout_limit=4, presence_linger=linger
+        ),
         recent=collections.deque(maxlen=3),
     )
 
@@ -59,6 +72,7 @@ def test_first_and_last_connection_of_a_user_announce_presence() -> None:
     ch.leave("e2", 2, rec)
     assert rec.broadcasts[-1]["frame"] == {
         "type": "user_disconnected",
+        "channelId": "c1",
         "userId": "ann",
         "username": "Ann",
     }
@@ -137,8 +151,23 @@ def test_publish_validation() -> None:
     assert pub(2, "toolong") is None and rec.replies[-1][2]["code"] == "message_too_long"
     assert pub(2, "  ") is None and rec.replies[-1][2]["code"] == "empty_message"
     assert pub(9, "hi") is None and rec.replies[-1][2]["code"] == "not_joined"
+    assert pub(2, "h\x00i") is None and rec.replies[-1][2]["code"] == "invalid_field"
     assert all(final for *_, final in rec.replies)
     assert pub(2, "hi") is not None and len(ch.pending) == 1
+
+
+def test_publish_refuses_what_the_store_would_refuse_from_any_field() -> None:
+    """A member registered with a NUL in its name (by an edge that let it
+    through) is refused per message, never inside a group commit."""
+    ch, rec = make_channel(), Recorder()
+    for i, (name, avatar) in enumerate([("Ev\x00l", ""), ("Eve", "https://a/\x00")], 1):
+        ch.join(
+            Conn("e1", i, f"u{i}", name, avatar, True, 1000, "online", 1), rejoin=False, emit=rec
+        )
+        p = channel_pb2.Publish(conn_id=i, channel_id="c1", content="hi", client_msg_id="k")
+        assert ch.publish("e1", p, max_length=50, deadline=0.0, emit=rec) is None
+        assert rec.replies[-1][2]["code"] == "invalid_field"
+    assert not ch.pending
 
 
 def test_committed_broadcasts_in_order_acks_and_keeps_recent_window() -> None:
@@ -186,3 +215,186 @@ def test_big_channels_cap_online_users_and_stop_announcing_joins() -> None:
     )
     ch.leave("e1", 0, rec)  # 4 connections left: announced again
     assert rec.types()[-1] == "user_disconnected"
+
+
+def test_joiner_leads_online_users_below_the_cap_too() -> None:
+    ch, rec = make_channel(), Recorder()
+    ch.join(conn("e1", 1, "ann"), rejoin=False, emit=rec)
+    ch.join(conn("e1", 2, "bob"), rejoin=False, emit=rec)
+    state = orjson.loads(rec.results[-1][1].initial_state)
+    assert [u["userId"] for u in state["onlineUsers"]] == ["bob", "ann"]
+    # A second connection of a user already online leads as well.
+    ch.join(conn("e2", 3, "ann"), rejoin=False, emit=rec)
+    state = orjson.loads(rec.results[-1][1].initial_state)
+    assert [u["userId"] for u in state["onlineUsers"]] == ["ann", "bob"]
+
+
+def test_every_frame_about_the_channel_carries_its_id() -> None:
+    ch, rec = make_channel(), Recorder()
+    ch.join(conn("e1", 1, "ann"), rejoin=False, emit=rec)
+    ch.join(conn("e1", 2, "bob"), rejoin=False, emit=rec)
+    ch.set_typing("e1", 1, True, rec)
+    ch.set_presence("e1", 1, "away", rec)
+    refused = channel_pb2.Publish(conn_id=1, channel_id="c1", content=" ", client_msg_id="k")
+    assert ch.publish("e1", refused, max_length=10, deadline=0.0, emit=rec) is None
+    ok = channel_pb2.Publish(conn_id=1, channel_id="c1", content="hi", client_msg_id="k2")
+    pending = ch.publish("e1", ok, max_length=10, deadline=0.0, emit=rec)
+    assert pending is not None
+    result = store_pb2.AppendResult(id=pending.message.id, seq=1, timestamp_ms=5)
+    ch.committed(ch.take_pending(), [result], 1, rec)
+    ch.leave("e1", 2, rec)
+    frames = [b["frame"] for b in rec.broadcasts] + [r[2] for r in rec.replies]
+    kinds = {f["type"] for f in frames}
+    assert kinds >= {"user_connected", "typing", "presence", "message", "user_disconnected"}
+    assert kinds >= {"ack", "error"}
+    assert all(f["channelId"] == "c1" for f in frames), frames
+    message = next(f for f in frames if f["type"] == "message")
+    assert message["message"]["channelId"] == "c1"
+
+
+def test_linger_keeps_a_departed_user_online_and_a_return_is_silent() -> None:
+    ch, rec = make_channel(linger=5.0), Recorder()
+    ch.join(conn("e1", 1, "ann"), rejoin=False, emit=rec)
+    ch.join(conn("e1", 2, "bob"), rejoin=False, emit=rec)
+    ch.set_typing("e1", 1, True, rec)
+    ch.leave("e1", 1, rec)
+    # Typing stops at once; the departure itself waits for the linger.
+    assert rec.types() == ["user_connected", "user_connected", "typing", "typing"]
+    assert rec.broadcasts[-1]["frame"]["isTyping"] is False
+    assert rec.lingering == ["ann"]
+    # A newcomer still sees ann online.
+    ch.join(conn("e2", 3, "cat"), rejoin=False, emit=rec)
+    state = orjson.loads(rec.results[-1][1].initial_state)
+    assert {u["userId"] for u in state["onlineUsers"]} == {"ann", "bob", "cat"}
+    before = len(rec.broadcasts)
+    ch.join(conn("e2", 4, "ann"), rejoin=False, emit=rec)  # back within the linger
+    assert len(rec.broadcasts) == before, "a return within the linger is silent"
+    assert not ch.linger_expired("ann", rec), "ann came back: the old departure is void"
+    assert len(rec.broadcasts) == before
+    ch.leave("e2", 4, rec)
+    assert rec.lingering == ["ann", "ann"]
+    assert ch.linger_expired("ann", rec)
+    assert rec.broadcasts[-1]["frame"] == {
+        "type": "user_disconnected",
+        "channelId": "c1",
+        "userId": "ann",
+        "username": "Ann",
+    }
+    assert "ann" not in ch.users
+    assert not ch.linger_expired("ann", rec), "announced once"
+    assert rec.types().count("user_disconnected") == 1
+
+
+def test_a_return_within_the_linger_with_another_status_announces_the_status() -> None:
+    ch, rec = make_channel(linger=5.0), Recorder()
+    ch.join(conn("e1", 1, "ann"), rejoin=False, emit=rec)
+    ch.join(conn("e1", 2, "bob"), rejoin=False, emit=rec)
+    ch.set_presence("e1", 1, "away", rec)
+    ch.leave("e1", 1, rec)
+    ch.join(conn("e1", 3, "ann"), rejoin=False, emit=rec)  # a new connection: online
+    assert rec.types()[-1] == "presence" and rec.broadcasts[-1]["frame"]["status"] == "online"
+    assert rec.types().count("user_connected") == 2
+
+
+def test_drop_session_then_linger_announces_once() -> None:
+    ch, rec = make_channel(linger=5.0), Recorder()
+    ch.join(conn("e1", 1, "ann", session=1), rejoin=False, emit=rec)
+    ch.join(conn("e1", 2, "ann", session=1), rejoin=False, emit=rec)
+    ch.join(conn("e2", 3, "bob", session=1), rejoin=False, emit=rec)
+    assert ch.drop_session("e1", keep_session=None, emit=rec) == 2
+    assert rec.lingering == ["ann"], "one linger per user, not per connection"
+    assert "user_disconnected" not in rec.types()
+    assert ch.linger_expired("ann", rec)
+    assert rec.types().count("user_disconnected") == 1
+
+
+def read_channel(last_seq: int = 10) -> tuple[Channel, Recorder]:
+    ch, rec = make_channel(), Recorder()
+    ch.last_seq = last_seq
+    ch.join(conn("e1", 1, "ann"), rejoin=False, emit=rec)
+    ch.join(conn("e2", 2, "ann"), rejoin=False, emit=rec)
+    ch.join(conn("e1", 3, "ann"), rejoin=False, emit=rec)
+    ch.join(conn("e1", 4, "bob"), rejoin=False, emit=rec)
+    return ch, rec
+
+
+def test_read_tells_the_readers_other_connections_at_once() -> None:
+    ch, rec = read_channel()
+    assert ch.read("e1", 1, 4, rec) == 4
+    assert sorted((edge, cid) for edge, cid, *_ in rec.replies) == [("e1", 3), ("e2", 2)]
+    assert {tuple(sorted(r[2].items())) for r in rec.replies} == {
+        (("channelId", "c1"), ("seq", 4), ("type", "read"), ("userId", "ann"))
+    }
+    assert rec.reply_types == ["read", "read"]
+    assert not any(final for *_, final in rec.replies)
+    assert rec.moved == [("ann", 4)]
+    assert ch.cursors == {"ann": 4}
+
+
+def test_read_never_moves_back_and_is_clamped_to_the_head() -> None:
+    ch, rec = read_channel(last_seq=10)
+    assert ch.read("e1", 1, 6, rec) == 6
+    assert ch.read("e2", 2, 3, rec) == 0, "another device behind: no move back"
+    assert ch.read("e1", 1, 6, rec) == 0
+    assert ch.read("e1", 1, 99, rec) == 10, "clamped to last_seq"
+    assert rec.moved == [("ann", 6), ("ann", 10)]
+    assert [r[2]["seq"] for r in rec.replies] == [6, 6, 10, 10]
+
+
+def test_read_ignores_unknown_connections_and_seq_zero() -> None:
+    ch, rec = read_channel()
+    assert ch.read("e1", 99, 5, rec) == 0
+    assert ch.read("e9", 1, 5, rec) == 0
+    assert ch.read("e1", 1, 0, rec) == 0
+    empty, rec2 = make_channel(), Recorder()
+    empty.join(conn("e1", 1, "ann"), rejoin=False, emit=rec2)
+    assert empty.read("e1", 1, 5, rec2) == 0, "nothing to read in an empty channel"
+    assert not rec.moved and not rec.replies and not rec2.moved
+
+
+def test_store_answer_is_authoritative_and_cursor_forgotten_when_gone() -> None:
+    ch, rec = read_channel(last_seq=10)
+    ch.read("e1", 1, 3, rec)
+    ch.stored_cursor("ann", 8)  # the store held a newer cursor
+    assert ch.read("e1", 1, 5, rec) == 0
+    ch.stored_cursor("ann", 2)  # an older answer never lowers it
+    assert ch.cursors["ann"] == 8
+    ch.stored_cursor("zed", 4)  # not a member: not cached
+    assert "zed" not in ch.cursors
+    for edge, cid in [("e1", 1), ("e2", 2), ("e1", 3)]:
+        ch.leave(edge, cid, rec)
+    assert "ann" not in ch.cursors
+
+
+def test_sending_moves_the_senders_cursor() -> None:
+    ch, rec = read_channel(last_seq=0)
+    p = channel_pb2.Publish(conn_id=1, channel_id="c1", content="hi", client_msg_id="k")
+    pending = ch.publish("e1", p, max_length=10, deadline=0.0, emit=rec)
+    assert pending is not None
+    result = store_pb2.AppendResult(id=pending.message.id, seq=1, timestamp_ms=5)
+    ch.committed(ch.take_pending(), [result], 1, rec)
+    assert rec.moved == [("ann", 1)]
+    reads = [(edge, cid, r) for edge, cid, r, _ in rec.replies if r["type"] == "read"]
+    assert sorted((edge, cid) for edge, cid, _ in reads) == [("e1", 3), ("e2", 2)], (
+        "the sender's other devices; the sending connection has its ack"
+    )
+    assert all(r["seq"] == 1 and r["userId"] == "ann" for *_, r in reads)
+
+
+def test_a_commit_moves_each_senders_cursor_once_to_its_newest_message() -> None:
+    ch, rec = read_channel(last_seq=0)
+    pendings = []
+    for i, (edge, cid) in enumerate([("e1", 1), ("e1", 4), ("e2", 2), ("e1", 4)]):
+        p = channel_pb2.Publish(conn_id=cid, channel_id="c1", content=f"m{i}", client_msg_id="k")
+        pending = ch.publish(edge, p, max_length=10, deadline=0.0, emit=rec)
+        assert pending is not None
+        pendings.append(pending)
+    results = [
+        store_pb2.AppendResult(id=p.message.id, seq=i + 1, timestamp_ms=5)
+        for i, p in enumerate(pendings)
+    ]
+    ch.committed(ch.take_pending(), results, 4, rec)
+    assert sorted(rec.moved) == [("ann", 3), ("bob", 4)]
+    reads = sorted((edge, cid, r["seq"]) for edge, cid, r, _ in rec.replies if r["type"] == "read")
+    # ann's newest came from e2/2: her other connections hear of seq 3.
+    assert reads == [("e1", 1, 3), ("e1", 3, 3)]
