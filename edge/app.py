@@ -1,174 +1,98 @@
-"""The edge's HTTP surface: the WebSocket endpoint, the chat page, health,
-metrics and (in development mode only) a token minting route.
+"""The edge's HTTP surface: the WebSocket endpoints (v1, one channel per
+socket, and v1.1, many), the chat page, health, metrics and (in
+development mode only) a token minting route.
 
-Shared resources live on the application under typed ``AppKey``s and are
-opened and closed by one cleanup context; each WebSocket is served by one
-handler coroutine that unregisters in ``finally``.
+Shared resources live on the application (``edge.runtime``); each WebSocket
+is served by one handler coroutine that unregisters in ``finally``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
-import math
-import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import WSMessage, WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from edge import protocol
-from edge.auth import SUBPROTOCOL, AuthError, TokenVerifier, dev_user_id, extract_token, mint_token
-from edge.connection import Connection, Limits, LocalChannels, State
-from edge.expiry import ExpiryWatch
-from edge.limits import ConnectionBudget, RateConfig
-from edge.metrics import EdgeMetrics
-from edge.replay import Replayer
-from edge.shards import ShardLink, ShardRouter
+from edge import frames, joining, mux, protocol
+from edge.auth import (
+    DEV_CLAIM,
+    SUBPROTOCOL,
+    AuthError,
+    Identity,
+    dev_user_id,
+    dev_username,
+    extract_token,
+    mint_token,
+)
+from edge.connection import Connection, State, close_ws
+from edge.heartbeat import HEARTBEAT, heartbeat_ctx
+from edge.limits import ConnectionBudget
+from edge.runtime import RUNTIME, SETTINGS, EdgeRuntime, drain, refuse, runtime_ctx
+from edge.shards import ShardLink
 from waddle_common import wire
-from waddle_common.grpc_tls import GrpcTls
-from waddle_common.grpc_util import channel_options
 from waddle_common.settings import Settings
-from waddle_common.store_client import StoreClient
-from waddle_pb import channel_pb2
+
+__all__ = ["RUNTIME", "SETTINGS", "create_app", "drain"]
 
 log = logging.getLogger("edge")
 
 STATIC_DIR = Path(__file__).parent / "static"
-CHANNEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self'; "
     "script-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'"
 )
 
 
-@dataclass(eq=False)
-class EdgeRuntime:
-    settings: Settings
-    metrics: EdgeMetrics
-    verifier: TokenVerifier
-    local: LocalChannels
-    router: ShardRouter
-    store: StoreClient
-    replayer: Replayer
-    rates: RateConfig
-    expiry: ExpiryWatch
-    draining: bool = False
-    conn_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-
-
-SETTINGS = web.AppKey("settings", Settings)
-RUNTIME = web.AppKey("runtime", EdgeRuntime)
-
-
-async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    metrics = EdgeMetrics()
-    local = LocalChannels(metrics, Limits(send_buffer_bytes=settings.send_buffer_bytes))
-    tls = GrpcTls.from_settings(settings)
-    store = StoreClient.from_settings(settings, registry=metrics.registry, tls=tls)
-    router = ShardRouter(
-        settings.shard_list,
-        settings.edge_id,
-        local,
-        metrics,
-        options=channel_options(),
-        publish_timeout=settings.publish_timeout_seconds * 1.5,
-        tls=tls,
-    )
-    runtime = EdgeRuntime(
-        settings=settings,
-        metrics=metrics,
-        verifier=TokenVerifier(
-            settings.jwt_secret,
-            algorithms=settings.jwt_algorithms,
-            jwks_url=settings.jwt_jwks_url,
-            audience=settings.jwt_audience,
-            issuer=settings.jwt_issuer,
-            leeway=settings.jwt_leeway_seconds,
-        ),
-        local=local,
-        router=router,
-        store=store,
-        replayer=Replayer(store, local, metrics),
-        rates=RateConfig(
-            message_rate=settings.message_rate,
-            message_burst=settings.message_burst,
-            typing_rate=settings.typing_rate,
-            typing_burst=settings.typing_burst,
-            frame_rate=settings.frame_rate,
-            frame_burst=settings.frame_burst,
-            abuse_burst=settings.abuse_burst,
-        ),
-        expiry=ExpiryWatch(metrics, live=lambda: len(local)),
-    )
-    metrics.connections.set_function(lambda: len(local))
-    router.warm_up()
-    app[RUNTIME] = runtime
-    yield
-    await drain(runtime, 0)
-    await runtime.expiry.stop()
-    await runtime.replayer.stop()
-    await router.close()
-    await store.close()
-
-
-async def drain(runtime: EdgeRuntime, grace: float) -> None:
-    """Stop accepting, let unsettled publishes finish (up to ``grace``), then
-    close every socket with 1012 so clients reconnect elsewhere and sync."""
-    runtime.draining = True
-    deadline = time.monotonic() + grace
-    while runtime.router.inflight() and time.monotonic() < deadline:  # noqa: ASYNC110
-        # Settlement arrives over the shard streams; a short poll keeps this
-        # independent of how many links there are.
-        await asyncio.sleep(0.05)
-    conns = list(runtime.local.by_id.values())
-    for conn in conns:
-        conn.close(wire.CLOSE_RESTART, "server restart")
-    waits = [c.ws.close(code=wire.CLOSE_RESTART) for c in conns if c.ws is not None]
-    if waits:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), 5)
-
-
-def _refuse(
-    runtime: EdgeRuntime, status: int, text: str, reason: str, retry: bool = False
-) -> web.Response:
-    runtime.metrics.refusals.labels(reason).inc()
-    headers = {"Retry-After": "5"} if retry else None
-    return web.Response(status=status, text=text + "\n", headers=headers)
-
-
-async def websocket_handler(request: web.Request) -> web.StreamResponse:
+async def _admit(request: web.Request, channel_id: str | None) -> Identity | web.Response:
+    """The checks both endpoints make before the upgrade: the identity, or the refusal."""
     runtime = request.app[RUNTIME]
     settings = runtime.settings
-    channel_id = request.match_info["channel_id"]
-    if not CHANNEL_ID_RE.match(channel_id):
-        return _refuse(runtime, 400, "Invalid channel id", "bad_channel")
     if runtime.draining:
-        return _refuse(runtime, 503, "Server restarting", "draining", retry=True)
+        return refuse(runtime, 503, "Server restarting", "draining", retry=True)
     if not origin_allowed(request, settings.allowed_origins):
-        return _refuse(runtime, 403, "Origin not allowed", "origin")
-    if len(runtime.local) >= settings.edge_max_connections:
-        return _refuse(runtime, 503, "Edge at capacity", "edge_full", retry=True)
+        return refuse(runtime, 403, "Origin not allowed", "origin")
+    if runtime.sockets >= settings.edge_max_connections:
+        return refuse(runtime, 503, "Edge at capacity", "edge_full", retry=True)
     token = extract_token(request.headers)
     if token is None:
-        return _refuse(runtime, 401, "Unauthorized", "unauthorized")
+        return refuse(runtime, 401, "Unauthorized", "unauthorized")
     try:
         identity = await runtime.verifier.verify(token)
     except AuthError as exc:
         log.info("token refused", extra={"reason": str(exc), "channel_id": channel_id})
-        return _refuse(runtime, 401, "Unauthorized", "unauthorized")
-    if not identity.may_join(channel_id):
-        return _refuse(runtime, 403, "Forbidden", "forbidden")
+        return refuse(runtime, 401, "Unauthorized", "unauthorized")
+    if channel_id is not None and not identity.may_join(channel_id):
+        return refuse(runtime, 403, "Forbidden", "forbidden")
+    if runtime.local.per_user.get(identity.user_id, 0) >= settings.user_max_edge_connections:
+        return refuse(runtime, 429, "Too many connections", "user_edge_limit", retry=True)
+    return identity
 
+
+def _websocket(settings: Settings) -> web.WebSocketResponse:
+    # No per-socket heartbeat timer: the edge's one ``Heartbeat`` pings every socket.
+    return web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,),
+        max_msg_size=settings.max_frame_bytes,
+        compress=False,
+    )
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """v1: one channel per socket, joined before the upgrade."""
+    runtime = request.app[RUNTIME]
+    settings = runtime.settings
+    channel_id = request.match_info["channel_id"]
+    if not protocol.valid_channel_id(channel_id):
+        return refuse(runtime, 400, "Invalid channel id", "bad_channel")
+    admitted = await _admit(request, channel_id)
+    if isinstance(admitted, web.Response):
+        return admitted
+    identity = admitted
     conn = Connection(
         id=next(runtime.conn_ids),
         channel_id=channel_id,
@@ -176,38 +100,19 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         joined_at_ms=time.time_ns() // 1_000_000,
     )
     link = runtime.router.link_for(channel_id)
-    runtime.local.add(conn)
+    outcome = await joining.join(runtime, conn, link, resume=False)
+    if isinstance(outcome, str):
+        if outcome == "channel_full":
+            return refuse(runtime, 503, "Channel full", "channel_full", retry=True)
+        if outcome == "user_limit":
+            return refuse(runtime, 429, "Too many connections", "user_limit", retry=True)
+        return refuse(runtime, 503, "Channel unavailable", "unavailable", retry=True)
+    conn.cursor = conn.floor = outcome.last_seq
+    # This frame lives as long as the connection: keep nothing big in it.
+    initial_state = outcome.initial_state
+    del outcome
 
-    try:
-        result = await asyncio.wait_for(link.join(conn), settings.join_timeout_seconds)
-    except TimeoutError:
-        link.leave(conn)
-        runtime.local.remove(conn)
-        return _refuse(runtime, 503, "Channel unavailable", "unavailable", retry=True)
-    except BaseException:
-        link.leave(conn)
-        runtime.local.remove(conn)
-        raise
-    if not result.ok:
-        link.leave(conn)
-        runtime.local.remove(conn)
-        if result.refusal == "channel_full":
-            return _refuse(runtime, 503, "Channel full", "channel_full", retry=True)
-        if result.refusal == "user_limit":
-            return _refuse(runtime, 429, "Too many connections", "user_limit", retry=True)
-        return _refuse(runtime, 503, "Channel unavailable", "unavailable", retry=True)
-    conn.cursor = conn.floor = result.last_seq
-    # This frame lives as long as the connection: keep nothing big in it
-    # (the JoinResult carries the whole initial_state).
-    initial_state = result.initial_state
-    del result, token
-
-    ws = web.WebSocketResponse(
-        protocols=(SUBPROTOCOL,),
-        max_msg_size=settings.max_frame_bytes,
-        heartbeat=settings.heartbeat_seconds,
-        compress=False,
-    )
+    ws = _websocket(settings)
     try:
         await ws.prepare(request)
     except BaseException:
@@ -217,6 +122,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 
     conn.ws = ws
     conn.transport = request.transport
+    request.app[HEARTBEAT].add(ws, request.transport)
+    runtime.sockets += 1
     runtime.metrics.connects.inc()
     log.info(
         "connected",
@@ -237,10 +144,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             if not _on_frame(runtime, conn, link, budget, msg):
                 break
     finally:
+        runtime.sockets -= 1
+        request.app[HEARTBEAT].discard(ws)
         if conn.close_code is not None and not ws.closed:
             # Closed by policy from inside the handler: send that code, not 1000.
-            with contextlib.suppress(Exception):
-                await ws.close(code=conn.close_code, message=conn.close_reason.encode())
+            await close_ws(ws, conn.transport, conn.close_code, conn.close_reason)
         conn.state = State.CLOSED
         link.leave(conn)
         runtime.local.remove(conn)
@@ -258,42 +166,28 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def _refuse_frame(
-    runtime: EdgeRuntime, conn: Connection, budget: ConnectionBudget, payload: bytes
-) -> bool:
-    """Send an error; return False once the connection must be closed for abuse."""
-    conn.send(payload, runtime.metrics, runtime.local.limits, "error")
-    if budget.strike(asyncio.get_running_loop().time()):
-        runtime.metrics.refusals.labels("abuse").inc()
+async def multiplexed_handler(request: web.Request) -> web.StreamResponse:
+    """v1.1: one socket, channels joined by ``subscribe``."""
+    runtime = request.app[RUNTIME]
+    admitted = await _admit(request, None)
+    if isinstance(admitted, web.Response):
+        return admitted
+    ws = _websocket(runtime.settings)
+    await ws.prepare(request)
+    request.app[HEARTBEAT].add(ws, request.transport)
+    runtime.sockets += 1
+    runtime.metrics.connects.inc()
+    log.info("connected", extra={"user_id": admitted.user_id, "endpoint": "multiplexed"})
+    try:
+        await mux.serve(runtime, request, ws, admitted)
+    finally:
+        runtime.sockets -= 1
+        request.app[HEARTBEAT].discard(ws)
         log.info(
-            "closing abusive connection",
-            extra={"channel_id": conn.channel_id, "user_id": conn.identity.user_id},
+            "disconnected",
+            extra={"user_id": admitted.user_id, "close_code": ws.close_code},
         )
-        conn.close(wire.CLOSE_POLICY, "too many refused frames")
-        return False
-    return True
-
-
-def _rate_limited(
-    runtime: EdgeRuntime,
-    conn: Connection,
-    budget: ConnectionBudget,
-    wait: float,
-    client_msg_id: str | None,
-    *,
-    abuse: bool,
-) -> bool:
-    """Refuse an over-budget frame. Going over the message or typing budget
-    is ordinary back-pressure (a client flushing its queue after a
-    reconnect); going over the budget for all frames is abuse."""
-    runtime.metrics.frames_in.labels("rate_limited").inc()
-    payload = wire.error_frame(
-        wire.RATE_LIMITED, retryAfterMs=max(1, math.ceil(wait * 1000)), clientMsgId=client_msg_id
-    )
-    if abuse:
-        return _refuse_frame(runtime, conn, budget, payload)
-    conn.send(payload, runtime.metrics, runtime.local.limits, "error")
-    return True
+    return ws
 
 
 def _on_frame(
@@ -303,15 +197,10 @@ def _on_frame(
     budget: ConnectionBudget,
     msg: WSMessage,
 ) -> bool:
-    """Handle one client frame; return False when the connection must end.
-
-    Synchronous on purpose: nothing here waits, and an idle connection then
-    costs one coroutine frame (the handler's), not a stack of them."""
-    metrics, limits = runtime.metrics, runtime.local.limits
-    now = asyncio.get_running_loop().time()
+    """Handle one v1 client frame; return False when the connection must end."""
     if msg.type is WSMsgType.BINARY:
-        metrics.frames_in.labels("binary").inc()
-        return _refuse_frame(runtime, conn, budget, wire.error_frame(wire.BINARY_UNSUPPORTED))
+        runtime.metrics.frames_in.labels("binary").inc()
+        return frames.refuse_frame(runtime, conn, budget, wire.error_frame(wire.BINARY_UNSUPPORTED))
     if msg.type is not WSMsgType.TEXT:
         return msg.type is not WSMsgType.ERROR
     try:
@@ -319,43 +208,12 @@ def _on_frame(
             msg.data, max_message_length=runtime.settings.max_message_length
         )
     except protocol.ProtocolError as exc:
-        metrics.frames_in.labels("invalid").inc()
-        return _refuse_frame(runtime, conn, budget, exc.frame())
-    wait = budget.frames.take(now)
-    if wait:
-        cmid = frame.client_msg_id if isinstance(frame, protocol.SendMessage) else None
-        return _rate_limited(runtime, conn, budget, wait, cmid, abuse=True)
-    metrics.frames_in.labels(protocol.frame_type(frame)).inc()
-    match frame:
-        case protocol.Ping():
-            conn.send(wire.PONG_FRAME, metrics, limits, "pong")
-        case protocol.SendMessage(content=content, thread_id=thread_id, client_msg_id=cmid):
-            wait = budget.messages.take(now)
-            if wait:
-                return _rate_limited(runtime, conn, budget, wait, cmid, abuse=False)
-            link.publish(
-                conn,
-                channel_pb2.Publish(
-                    conn_id=conn.id,
-                    channel_id=conn.channel_id,
-                    content=content,
-                    thread_id=thread_id or "",
-                    client_msg_id=cmid or str(uuid.uuid4()),
-                    client_supplied_id=cmid is not None,
-                    received_at_ns=time.time_ns(),
-                ),
-            )
-        case protocol.SetTyping(is_typing=is_typing):
-            wait = budget.typing.take(now)
-            if wait:
-                return _rate_limited(runtime, conn, budget, wait, None, abuse=False)
-            link.typing(conn, is_typing)
-        case protocol.SetPresence(status=status):
-            conn.status = status
-            link.presence(conn, status)
-        case protocol.Sync():
-            runtime.replayer.client_sync(conn, frame)
-    return True
+        runtime.metrics.frames_in.labels("invalid").inc()
+        return frames.refuse_frame(runtime, conn, budget, exc.frame(conn.channel_id))
+    refused = frames.take_frame(runtime, conn, budget, frame, conn.channel_id)
+    if refused is not None:
+        return refused
+    return frames.channel_frame(runtime, conn, link, budget, frame)
 
 
 def origin_allowed(request: web.Request, allowed: Sequence[str]) -> bool:
@@ -396,21 +254,43 @@ async def metrics_view(request: web.Request) -> web.Response:
 
 
 async def dev_token(request: web.Request) -> web.Response:
+    """Mint a development token.
+
+    ``{"username": ...}`` gets a token for a new user: a fresh random user
+    id every time, so no display name leads to anyone else's identity. With
+    ``Authorization: Bearer <token>`` naming a still-valid token this route
+    minted, the body is not read and the same user gets a fresh token.
+    """
     settings = request.app[SETTINGS]
-    try:
-        body = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(text="Body must be JSON\n") from None
-    username = body.get("username") if isinstance(body, dict) else None
-    if not isinstance(username, str) or not 1 <= len(username.strip()) <= 64:
-        raise web.HTTPBadRequest(text="username must be 1 to 64 characters\n")
-    username = username.strip()
-    user_id = dev_user_id(username)
+    current = extract_token(request.headers)
+    if current is not None:
+        try:
+            identity = await request.app[RUNTIME].verifier.verify_dev(current)
+        except AuthError:
+            raise web.HTTPUnauthorized(
+                text="Only a still-valid development token can be renewed; "
+                "ask for a new one with a username\n"
+            ) from None
+        user_id, username = identity.user_id, identity.username
+    else:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="Body must be JSON\n") from None
+        try:
+            username = dev_username(body.get("username") if isinstance(body, dict) else None)
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        user_id = dev_user_id()
+    ttl = settings.dev_token_ttl_seconds
+    if settings.jwt_max_lifetime_seconds:
+        ttl = min(ttl, settings.jwt_max_lifetime_seconds)
     token, expires_at = mint_token(
         settings.jwt_secret,
         user_id=user_id,
         username=username,
-        ttl_seconds=settings.dev_token_ttl_seconds,
+        ttl_seconds=ttl,
+        extra={DEV_CLAIM: True},
     )
     return web.json_response(
         {"token": token, "userId": user_id, "username": username, "expiresAt": expires_at}
@@ -432,8 +312,10 @@ async def security_headers(
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[security_headers])
     app[SETTINGS] = settings
-    app.cleanup_ctx.append(_runtime_ctx)
+    app.cleanup_ctx.append(runtime_ctx)
+    app.cleanup_ctx.append(heartbeat_ctx)
     app.router.add_get("/channel/{channel_id}/websocket", websocket_handler)
+    app.router.add_get("/websocket", multiplexed_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

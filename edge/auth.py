@@ -3,25 +3,37 @@
 Tokens arrive as ``Authorization: Bearer <jwt>`` or, from browsers, as the
 WebSocket subprotocol ``bearer.<jwt>`` beside ``waddle.v1``. Tokens are
 never logged and never echoed back.
+
+A correctly signed token is still hostile input: every identity claim is
+checked with the rules message fields follow (``waddle_common.text``), and
+the time claims must be JSON numbers within a sane range, so that anything
+the edge admits can be stored and shown, and nothing in a token can make
+the edge fail.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
+from waddle_common.text import has_control_chars, has_nul, has_surrogates
+
 log = logging.getLogger("edge.auth")
 
 SUBPROTOCOL = "waddle.v1"
 _BEARER_PROTOCOL_PREFIX = "bearer."
 KNOWN_PERMISSIONS = frozenset({"read", "write"})
+# Marks the tokens ``POST /dev/token`` mints: only those can be renewed there.
+DEV_CLAIM = "waddle_dev"
+# NumericDate claims (exp, nbf, iat) beyond 9999-12-31T23:59:59Z are refused.
+MAX_NUMERIC_DATE = 253_402_300_799
 # One shared set object per combination: every connection keeps its
 # identity for its whole life, and a fresh frozenset each costs ~200 bytes.
 _PERMISSION_SETS = {
@@ -81,6 +93,7 @@ class TokenVerifier:
         audience: str = "",
         issuer: str = "",
         leeway: float = 5.0,
+        max_lifetime: float = 0,
     ) -> None:
         self._hmac = [a for a in algorithms if a.startswith("HS")]
         self._asym = [a for a in algorithms if not a.startswith("HS")]
@@ -96,8 +109,22 @@ class TokenVerifier:
         self._audience = audience or None
         self._issuer = issuer or None
         self._leeway = leeway
+        self._max_lifetime = max_lifetime  # 0: no limit
 
     async def verify(self, token: str) -> Identity:
+        """The identity a token carries, or ``AuthError``."""
+        return identity_from_claims(await self.verified_claims(token))
+
+    async def verify_dev(self, token: str) -> Identity:
+        """As ``verify``, for a token ``POST /dev/token`` minted (and only that)."""
+        claims = await self.verified_claims(token)
+        if claims.get(DEV_CLAIM) is not True:
+            raise AuthError("invalid token (not a development token)")
+        return identity_from_claims(claims)
+
+    async def verified_claims(self, token: str) -> dict[str, Any]:
+        """The claims of a token whose signature, algorithm, times, audience
+        and issuer are acceptable; ``AuthError`` otherwise."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -132,40 +159,91 @@ class TokenVerifier:
             raise AuthError("token expired") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"invalid token ({type(exc).__name__})") from None
-        return identity_from_claims(claims)
+        exp = _numeric_date(claims, "exp")
+        _numeric_date(claims, "nbf")
+        _numeric_date(claims, "iat")
+        if self._max_lifetime and exp > time.time() + self._max_lifetime + self._leeway:
+            raise AuthError("invalid token (exp beyond the maximum token lifetime)")
+        return claims
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
+    """A time claim as seconds since the epoch; 0 when absent.
+
+    PyJWT accepts anything ``int()`` takes (strings, booleans, 10**400);
+    here a NumericDate is a JSON number within +-MAX_NUMERIC_DATE (which
+    also refuses NaN and the infinities that ``1e400`` decodes to).
+    """
+    value = claims.get(name)
+    if value is None:
+        return 0.0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not -MAX_NUMERIC_DATE <= value <= MAX_NUMERIC_DATE
+    ):
+        raise AuthError(f"invalid token ({name})")
+    return float(value)
+
+
+def _text_claim(value: str, name: str, *, controls: bool = False) -> None:
+    """Refuse what message fields refuse (NUL, text not encodable as UTF-8),
+    and with ``controls`` every control character."""
+    if has_nul(value) or has_surrogates(value) or (controls and has_control_chars(value)):
+        raise AuthError(f"invalid token ({name})")
 
 
 def identity_from_claims(claims: Mapping[str, Any]) -> Identity:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > 128:
         raise AuthError("invalid token (sub)")
+    _text_claim(sub, "sub", controls=True)
     username = claims.get("username", sub)
     if not isinstance(username, str) or not username.strip() or len(username) > 64:
         raise AuthError("invalid token (username)")
+    _text_claim(username, "username", controls=True)
     perms = claims.get("permissions", [])
     if not isinstance(perms, list) or not all(isinstance(p, str) for p in perms):
         raise AuthError("invalid token (permissions)")
-    avatar = claims.get("avatar_url") or ""
+    avatar = claims.get("avatar_url")
+    if avatar is None:
+        avatar = ""
     if not isinstance(avatar, str) or len(avatar) > 2048:
         raise AuthError("invalid token (avatar_url)")
+    _text_claim(avatar, "avatar_url", controls=True)
     channels = claims.get("channels")
     if channels is not None and (
         not isinstance(channels, list) or not all(isinstance(c, str) for c in channels)
     ):
         raise AuthError("invalid token (channels)")
+    for channel in channels or ():
+        _text_claim(channel, "channels")
     return Identity(
         user_id=sub,
         username=username.strip(),
         permissions=_PERMISSION_SETS[frozenset(perms) & KNOWN_PERMISSIONS],
         avatar_url=avatar,
         channels=frozenset(channels) if channels is not None else None,
-        expires_at=float(claims["exp"]),
+        expires_at=_numeric_date(claims, "exp"),
     )
 
 
-def dev_user_id(username: str) -> str:
-    """A stable user id for a display name (development tokens only)."""
-    return "dev-" + hashlib.sha256(username.strip().lower().encode()).hexdigest()[:16]
+def dev_user_id() -> str:
+    """A fresh random user id (development tokens only): a display name never
+    leads to anyone else's id."""
+    return f"dev-{uuid.uuid4().hex}"
+
+
+def dev_username(value: object) -> str:
+    """The display name a development token is asked for, stripped;
+    ``ValueError`` says (safely, to the client) why it cannot be one."""
+    if not isinstance(value, str) or not 1 <= len(value.strip()) <= 64:
+        raise ValueError("username must be 1 to 64 characters")
+    if has_control_chars(value):
+        raise ValueError("username must not contain control characters (such as NUL or newlines)")
+    if has_surrogates(value):
+        raise ValueError("username must not contain lone surrogates")
+    return value.strip()
 
 
 def mint_token(

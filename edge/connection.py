@@ -25,17 +25,19 @@ bounded outgoing buffer (``send_buffer_bytes``): over it an ephemeral frame
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 
+from edge import presence_diff
 from edge.auth import Identity
 from edge.metrics import EdgeMetrics
+from edge.presence_diff import PresenceCoalescer
 from edge.protocol import Sync
 from edge.wsframe import text_frame
 from waddle_common import wire
@@ -113,13 +115,17 @@ class Connection:
     transport: asyncio.Transport | None = None
     cursor: int = 0  # highest seq delivered; (floor, cursor] all went out
     floor: int = 0
-    held: list[tuple[int, bytes]] = field(default_factory=list)
+    # Frames held back (while joining, replaying or filling a gap) and frames
+    # corked for the next flush; None while empty, so an idle connection
+    # holds no list.
+    held: list[tuple[int, bytes]] | None = None
     sync_task: asyncio.Task[None] | None = None
     queued_sync: Sync | None = None
     close_code: int | None = None
     close_reason: str = ""
     cork: Cork | None = None
-    pending: list[bytes] = field(default_factory=list)
+    pending: list[bytes] | None = None
+    multiplexed: bool = False  # a v1.1 subscription: joins and leaves come as presence_diff
 
     def write(self, frame: bytes, metrics: EdgeMetrics, limits: Limits, *, ephemeral: bool) -> bool:
         """Write one pre-built frame; apply the slow-consumer policy."""
@@ -142,18 +148,31 @@ class Connection:
         if cork is None:
             transport.write(frame)
         else:
-            self.pending.append(frame)
-            if len(self.pending) == 1:
+            if self.pending is None:
+                self.pending = [frame]
                 cork.add(self)
+            else:
+                self.pending.append(frame)
         return True
 
     def flush(self) -> None:
         # Frames queued before a close (e.g. the error that led to a 1008) still
         # go out ahead of the close frame; a closing transport takes nothing.
-        frames, self.pending = self.pending, []
+        frames, self.pending = self.pending, None
         transport = self.transport
         if frames and transport is not None and not transport.is_closing():
             transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    async def drained(self) -> None:
+        """Return once the socket's write buffer is below the transport's
+        high-water mark; raise ``ConnectionError`` when the socket is gone."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionError("connection closed")
+        protocol = transport.get_protocol()
+        if isinstance(protocol, BaseProtocol):
+            # aiohttp's own writers wait on this same flow-control waiter.
+            await protocol._drain_helper()
 
     def send(self, payload: bytes, metrics: EdgeMetrics, limits: Limits, frame_type: str) -> None:
         """A frame for this connection alone (ack, error, pong, replay)."""
@@ -163,21 +182,37 @@ class Connection:
     def close(self, code: int, reason: str) -> None:
         if self.state is State.CLOSED:
             return
+        # What was corked before the close (the errors that led to a 1008,
+        # say) goes out ahead of the close frame.
+        self.flush()
         self.state = State.CLOSED
         self.close_code, self.close_reason = code, reason
         ws = self.ws
         if ws is not None and not ws.closed:
-            task = asyncio.ensure_future(_close_ws(ws, code, reason))
+            task = asyncio.ensure_future(close_ws(ws, self.transport, code, reason))
             _closing.add(task)
             task.add_done_callback(_closing.discard)
 
 
 _closing: set[asyncio.Future[None]] = set()
 
+# A peer that takes nothing (not even the close frame) for this long is cut
+# off: aiohttp's close waits for the send buffer to drain, with no bound.
+CLOSE_TIMEOUT = 5.0
 
-async def _close_ws(ws: web.WebSocketResponse, code: int, reason: str) -> None:
-    with contextlib.suppress(Exception):
-        await ws.close(code=code, message=reason.encode())
+
+async def close_ws(
+    ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, reason: str
+) -> None:
+    """Close with ``code``; abort the TCP connection if the peer does not drain."""
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
+    except TimeoutError:
+        if transport is not None:
+            # close() would keep the unsent buffer until the peer reads it.
+            transport.abort()
+    except Exception:  # the socket is going away either way
+        pass
 
 
 class LocalChannels:
@@ -190,8 +225,10 @@ class LocalChannels:
         self.limits = limits
         self.by_channel: dict[str, dict[int, Connection]] = {}
         self.by_id: dict[int, Connection] = {}
+        self.per_user: dict[str, int] = {}  # open connections of each user, all channels
         self.on_gap: Callable[[Connection], None] = lambda conn: None
         self.cork = Cork(schedule)
+        self.presence = PresenceCoalescer(self._write_diff)
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -200,9 +237,23 @@ class LocalChannels:
         conn.cork = self.cork
         self.by_id[conn.id] = conn
         self.by_channel.setdefault(conn.channel_id, {})[conn.id] = conn
+        self.hold_user(conn.identity.user_id)
+
+    def hold_user(self, user_id: str) -> None:
+        """Count one more connection (or multiplexed socket) of ``user_id``."""
+        self.per_user[user_id] = self.per_user.get(user_id, 0) + 1
+
+    def release_user(self, user_id: str) -> None:
+        left = self.per_user[user_id] - 1
+        if left:
+            self.per_user[user_id] = left
+        else:
+            del self.per_user[user_id]
 
     def remove(self, conn: Connection) -> None:
-        self.by_id.pop(conn.id, None)
+        if self.by_id.pop(conn.id, None) is None:
+            return
+        self.release_user(conn.identity.user_id)
         members = self.by_channel.get(conn.channel_id)
         if members is not None:
             members.pop(conn.id, None)
@@ -222,8 +273,15 @@ class LocalChannels:
         written = 0
         if seq == 0:
             dropped = 0
+            coalesce = d.type in presence_diff.TYPES
+            coalesced = False
             for conn in members.values():
                 if exclude and conn.identity.user_id == exclude:
+                    continue
+                if coalesce and conn.multiplexed:
+                    if not coalesced:  # once per delivery, for every such member
+                        self.presence.add(d.channel_id, d.type, d.payload)
+                        coalesced = True
                     continue
                 if conn.state is State.LIVE or conn.state is State.SYNCING:
                     if conn.write(frame, metrics, limits, ephemeral=d.ephemeral):
@@ -253,10 +311,32 @@ class LocalChannels:
         if written:
             metrics.frames_out_for(d.type or "message").inc(written)
 
+    def _write_diff(self, channel_id: str, frame_for: Callable[[str], bytes | None]) -> None:
+        members = self.by_channel.get(channel_id)
+        if not members:
+            return
+        frames: dict[int, bytes] = {}
+        written = 0
+        for conn in members.values():
+            if not conn.multiplexed or conn.state not in (State.LIVE, State.SYNCING):
+                continue
+            payload = frame_for(conn.identity.user_id)
+            if payload is None:
+                continue
+            frame = frames.get(id(payload))
+            if frame is None:
+                frame = frames[id(payload)] = text_frame(payload)
+            if conn.write(frame, self.metrics, self.limits, ephemeral=True):
+                written += 1
+        if written:
+            self.metrics.frames_out_for("presence_diff").inc(written)
+
     def hold(self, conn: Connection, seq: int, payload: bytes) -> None:
         if conn.state is State.CLOSED:
             return
-        if len(conn.held) >= self.limits.max_held:
+        if conn.held is None:
+            conn.held = []
+        elif len(conn.held) >= self.limits.max_held:
             self.metrics.slow_consumer_closes.inc()
             conn.close(wire.CLOSE_TRY_AGAIN, "too far behind")
             return
@@ -276,7 +356,7 @@ class LocalChannels:
                 break
             conn.send(payload, self.metrics, self.limits, "message")
             conn.cursor = seq
-        conn.held = rest
+        conn.held = rest or None
         return not rest
 
     def activate(self, conn: Connection) -> None:

@@ -12,10 +12,24 @@ import contextlib
 import heapq
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from edge.connection import Connection, State
+from edge.auth import Identity
+from edge.connection import State
 from edge.metrics import EdgeMetrics
 from waddle_common import wire
+
+
+class Expiring(Protocol):
+    """A connection or multiplexed socket: closed when its token expires."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def state(self) -> State: ...
+    def close(self, code: int, reason: str) -> None: ...
 
 
 class ExpiryWatch:
@@ -25,11 +39,11 @@ class ExpiryWatch:
         self.metrics = metrics
         self.live = live
         self.granularity = granularity
-        self._heap: list[tuple[float, int, Connection]] = []
+        self._heap: list[tuple[float, int, Expiring]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def watch(self, conn: Connection) -> None:
+    def watch(self, conn: Expiring) -> None:
         if len(self._heap) > 2 * self.live() + 1024:
             # Closed connections linger until their expiry; compact now and
             # then so churn cannot grow the heap without bound.

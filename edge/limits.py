@@ -22,16 +22,29 @@ class TokenBucket:
     def full(cls, rate: float, burst: float, now: float) -> TokenBucket:
         return cls(rate, burst, burst, now)
 
-    def take(self, now: float, cost: float = 1.0) -> float:
-        """Spend ``cost`` tokens; return 0.0 when allowed, else seconds to wait."""
+    def refill(self, now: float) -> None:
         elapsed = now - self.stamp
         if elapsed > 0:
             self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
             self.stamp = now
+
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens; return 0.0 when allowed, else seconds to wait."""
+        self.refill(now)
         if self.tokens >= cost:
             self.tokens -= cost
             return 0.0
         return (cost - self.tokens) / self.rate if self.rate > 0 else float("inf")
+
+    def wait_for(self, now: float, cost: float = 1.0) -> float:
+        """Seconds until ``cost`` tokens are saved up (0.0: now); spends nothing."""
+        self.refill(now)
+        return max(0.0, cost - self.tokens) / self.rate
+
+    def charge(self, now: float, cost: float) -> None:
+        """Spend ``cost`` tokens after the fact, going into debt if need be."""
+        self.refill(now)
+        self.tokens -= cost
 
 
 @dataclass(frozen=True, slots=True)

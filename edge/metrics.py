@@ -15,6 +15,11 @@ class EdgeMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.connections = Gauge("waddle_edge_connections", "Open client WebSockets", registry=r)
+        self.subscriptions = Gauge(
+            "waddle_edge_subscriptions",
+            "Channel memberships of open sockets (a v1 socket, or one v1.1 subscription)",
+            registry=r,
+        )
         self.connects = Counter(
             "waddle_edge_connects_total", "WebSocket connections accepted", registry=r
         )
@@ -53,6 +58,11 @@ class EdgeMetrics:
         self.replayed = Counter(
             "waddle_edge_replayed_messages_total",
             "Messages replayed from the store (client sync and gap fill)",
+            registry=r,
+        )
+        self.replays_refused = Counter(
+            "waddle_edge_replays_refused_total",
+            "Client syncs refused because the user's or the edge's replay budget was spent",
             registry=r,
         )
         self.shard_streams = Gauge(

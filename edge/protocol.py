@@ -1,14 +1,20 @@
-"""The client-to-server half of the v1 wire protocol, with no I/O.
+"""The client-to-server half of the wire protocol (v1 and v1.1), with no I/O.
 
-``parse_client_frame`` turns the text of one WebSocket frame into one of a
-closed set of frozen dataclasses, or raises ``ProtocolError`` carrying the
-``ErrorKind`` (and detail) the client is told. Everything a client can send
-is validated here: JSON shape, frame type, every field's type and range.
-Authorisation (``write``) and sequencing belong to the channel owner.
+``parse_frame`` turns the text of one WebSocket frame into the channel it
+names (v1.1) and one of a closed set of frozen dataclasses, or raises
+``ProtocolError`` carrying the ``ErrorKind`` (and detail) the client is
+told, and the channel when the frame named a valid one. Everything a client
+can send is validated here: JSON shape, frame type, every field's type and
+range. Authorisation (``write``) and sequencing belong to the channel owner.
+
+On the v1 endpoint (one channel per socket) a frame's ``channelId`` is
+ignored and ``subscribe``/``unsubscribe`` are unknown. On the multiplexed
+endpoint every frame but ``ping`` must name its channel.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +25,16 @@ from waddle_common import wire
 MAX_THREAD_ID_LENGTH = 128
 MAX_CLIENT_MSG_ID_LENGTH = 128
 MAX_MESSAGE_ID_LENGTH = 128
+MAX_HISTORY_LIMIT = 100
+DEFAULT_HISTORY_LIMIT = 50
+MAX_SEQ = 2**63 - 1
+# Channel ids: the whole string must match (``fullmatch``), so that no
+# trailing newline or other byte slips past an anchored prefix.
+CHANNEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+def valid_channel_id(value: object) -> bool:
+    return isinstance(value, str) and CHANNEL_ID_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +65,39 @@ class Ping:
     pass
 
 
-ClientFrame = SendMessage | SetTyping | SetPresence | Sync | Ping
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    after_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    before_seq: int | None = None
+    limit: int = DEFAULT_HISTORY_LIMIT
+    thread_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MarkRead:
+    seq: int
+
+
+ClientFrame = (
+    SendMessage
+    | SetTyping
+    | SetPresence
+    | Sync
+    | Ping
+    | Subscribe
+    | Unsubscribe
+    | History
+    | MarkRead
+)
 
 
 class ProtocolError(Exception):
@@ -59,9 +107,12 @@ class ProtocolError(Exception):
         super().__init__(f"{kind.code}: {detail}" if detail else kind.code)
         self.kind = kind
         self.detail = detail
+        self.channel_id: str | None = None  # set when the frame named a valid channel
 
-    def frame(self, **extra: Any) -> bytes:
-        return wire.error_frame(self.kind, self.detail, **extra)
+    def frame(self, channel_id: str | None = None, **extra: Any) -> bytes:
+        """The error frame, naming the frame's channel (or ``channel_id``, the socket's)."""
+        channel = self.channel_id if self.channel_id is not None else channel_id
+        return wire.error_frame(self.kind, self.detail, channel_id=channel, **extra)
 
 
 def _field_error(detail: str) -> ProtocolError:
@@ -116,17 +167,25 @@ def _parse_presence(data: dict[str, Any]) -> SetPresence:
     return SetPresence(status=status)
 
 
+def _seq(data: dict[str, Any], key: str, *, minimum: int = 0) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    # bool is an int in Python; a client sending `true` made a mistake.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "non-negative" if minimum == 0 else "positive" if minimum == 1 else f">= {minimum}"
+        raise _field_error(f"{key} must be a {kind} integer")
+    if value > MAX_SEQ:
+        raise _field_error(f"{key} is out of range")
+    return value
+
+
 def _parse_sync(data: dict[str, Any]) -> Sync:
-    after_seq = data.get("afterSeq")
+    after_seq = _seq(data, "afterSeq")
     after_id = data.get("afterMessageId")
     if after_seq is not None and after_id is not None:
         raise _field_error("give afterSeq or afterMessageId, not both")
     if after_seq is not None:
-        # bool is an int in Python; a client sending `true` made a mistake.
-        if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < 0:
-            raise _field_error("afterSeq must be a non-negative integer")
-        if after_seq >= 2**63:
-            raise _field_error("afterSeq is out of range")
         return Sync(after_seq=after_seq)
     if after_id is not None:
         if not isinstance(after_id, str) or not 1 <= len(after_id) <= MAX_MESSAGE_ID_LENGTH:
@@ -135,8 +194,41 @@ def _parse_sync(data: dict[str, Any]) -> Sync:
     raise _field_error("sync needs afterSeq or afterMessageId")
 
 
-def parse_client_frame(text: str | bytes, *, max_message_length: int) -> ClientFrame:
-    """Parse one client text frame; raise ``ProtocolError`` when it is refused."""
+def _parse_history(data: dict[str, Any]) -> History:
+    limit = _seq(data, "limit", minimum=1)
+    if limit is not None and limit > MAX_HISTORY_LIMIT:
+        raise _field_error(f"limit must be 1 to {MAX_HISTORY_LIMIT}")
+    return History(
+        before_seq=_seq(data, "beforeSeq", minimum=1),
+        limit=DEFAULT_HISTORY_LIMIT if limit is None else limit,
+        thread_id=_optional_short_str(data, "threadId", MAX_THREAD_ID_LENGTH),
+    )
+
+
+def _parse_read(data: dict[str, Any]) -> MarkRead:
+    seq = _seq(data, "seq", minimum=1)
+    if seq is None:
+        raise _field_error("read needs seq")
+    return MarkRead(seq=seq)
+
+
+def _channel(data: dict[str, Any]) -> str:
+    channel_id = data.get("channelId")
+    if channel_id is None:
+        raise _field_error("channelId is required")
+    if not valid_channel_id(channel_id):
+        raise _field_error("channelId is not a valid channel id")
+    assert isinstance(channel_id, str)
+    return channel_id
+
+
+def parse_frame(
+    text: str | bytes, *, max_message_length: int, multiplexed: bool
+) -> tuple[str | None, ClientFrame]:
+    """Parse one client text frame into (channel id, frame).
+
+    The channel id is None for ``ping`` and on the v1 endpoint. Raises
+    ``ProtocolError`` when the frame is refused."""
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -144,21 +236,37 @@ def parse_client_frame(text: str | bytes, *, max_message_length: int) -> ClientF
     if not isinstance(data, dict):
         raise ProtocolError(wire.INVALID_FORMAT)
     kind = data.get("type")
-    match kind:
-        case "message":
-            return _parse_message(data, max_message_length)
-        case "typing":
-            return _parse_typing(data)
-        case "presence":
-            return _parse_presence(data)
-        case "sync":
-            return _parse_sync(data)
-        case "ping":
-            return Ping()
-        case str():
-            raise ProtocolError(wire.UNKNOWN_TYPE)
-        case _:
-            raise ProtocolError(wire.INVALID_FORMAT, "type must be a string")
+    if kind == "ping":
+        return None, Ping()
+    if not isinstance(kind, str):
+        raise ProtocolError(wire.INVALID_FORMAT, "type must be a string")
+    parser = _PARSERS.get(kind)
+    if parser is None or (kind in _MULTIPLEXED_ONLY and not multiplexed):
+        raise ProtocolError(wire.UNKNOWN_TYPE)
+    channel_id = _channel(data) if multiplexed else None
+    try:
+        return channel_id, parser(data, max_message_length)
+    except ProtocolError as exc:
+        exc.channel_id = channel_id
+        raise
+
+
+def parse_client_frame(text: str | bytes, *, max_message_length: int) -> ClientFrame:
+    """Parse one frame of the v1 endpoint (one channel per socket)."""
+    return parse_frame(text, max_message_length=max_message_length, multiplexed=False)[1]
+
+
+_PARSERS: dict[str, Any] = {
+    "message": _parse_message,
+    "typing": lambda data, _: _parse_typing(data),
+    "presence": lambda data, _: _parse_presence(data),
+    "sync": lambda data, _: _parse_sync(data),
+    "subscribe": lambda data, _: Subscribe(after_seq=_seq(data, "afterSeq")),
+    "unsubscribe": lambda data, _: Unsubscribe(),
+    "history": lambda data, _: _parse_history(data),
+    "read": lambda data, _: _parse_read(data),
+}
+_MULTIPLEXED_ONLY = frozenset({"subscribe", "unsubscribe"})
 
 
 def frame_type(frame: ClientFrame) -> str:
@@ -174,3 +282,11 @@ def frame_type(frame: ClientFrame) -> str:
             return "sync"
         case Ping():
             return "ping"
+        case Subscribe():
+            return "subscribe"
+        case Unsubscribe():
+            return "unsubscribe"
+        case History():
+            return "history"
+        case MarkRead():
+            return "read"

@@ -7,8 +7,11 @@ import logging
 import signal
 
 from aiohttp import web
+from prometheus_client import Gauge
 
-from edge.app import RUNTIME, create_app, drain
+from edge.app import create_app
+from edge.handshake import EdgeRunner, PendingHandshakes
+from edge.runtime import RUNTIME, drain
 from waddle_common import logs
 from waddle_common.ops_http import bound_port
 from waddle_common.settings import Settings
@@ -16,10 +19,33 @@ from waddle_common.settings import Settings
 log = logging.getLogger("edge")
 
 
+def pending_handshakes(app: web.Application) -> PendingHandshakes:
+    """Connections not yet in a handler share the edge's connection cap with
+    its WebSockets (see ``edge.handshake``)."""
+    runtime = app[RUNTIME]
+    refusals = runtime.metrics.refusals
+    pending = PendingHandshakes(
+        timeout=runtime.settings.handshake_timeout_seconds,
+        max_connections=runtime.settings.edge_max_connections,
+        established=lambda: runtime.sockets,
+        loop=asyncio.get_running_loop(),
+        on_close=lambda reason: refusals.labels(reason).inc(),
+    )
+    Gauge(
+        "waddle_edge_pending_connections",
+        "Connections waiting for a complete request (not yet in a handler)",
+        registry=runtime.metrics.registry,
+    ).set_function(pending.__len__)
+    return pending
+
+
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(
-        app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_seconds
+    runner = EdgeRunner(
+        app,
+        handshakes=pending_handshakes,
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_grace_seconds,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.edge_host, settings.edge_port, backlog=4096)

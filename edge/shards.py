@@ -9,6 +9,13 @@ with jittered backoff, then re-registers every connection it carries
 not been settled, with the same idempotency key, so the owner's store
 deduplicates. A publish not settled within ``publish_timeout`` is answered
 with a retryable ``unavailable`` error; none is dropped silently.
+
+A shard that wakes a hibernated channel asks for its connections again
+(``Rehydrate``): the link answers at once with one ``Rehydrated`` that
+re-registers every connection of that channel it carries (silently; those
+still waiting for their first ``JoinResult`` are already on the stream).
+A ``Head`` (the head of a channel a shard took over asleep) makes the
+connections that are behind it catch up from the store.
 """
 
 from __future__ import annotations
@@ -114,6 +121,13 @@ class ShardLink:
             )
         )
 
+    def read(self, conn: Connection, seq: int) -> None:
+        self._queue(
+            channel_pb2.EdgeEvent(
+                read=channel_pb2.Read(conn_id=conn.id, channel_id=conn.channel_id, seq=seq)
+            )
+        )
+
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:
@@ -124,20 +138,39 @@ class ShardLink:
     # -- the stream ---------------------------------------------------------
 
     def _join_event(self, conn: Connection, *, rejoin: bool) -> channel_pb2.EdgeEvent:
+        return channel_pb2.EdgeEvent(join=self._join(conn, rejoin=rejoin))
+
+    @staticmethod
+    def _join(conn: Connection, *, rejoin: bool) -> channel_pb2.Join:
         ident = conn.identity
-        return channel_pb2.EdgeEvent(
-            join=channel_pb2.Join(
-                conn_id=conn.id,
-                channel_id=conn.channel_id,
-                rejoin=rejoin,
-                member=channel_pb2.Member(
-                    user_id=ident.user_id,
-                    username=ident.username,
-                    avatar_url=ident.avatar_url,
-                    permissions=sorted(ident.permissions),
-                    joined_at_ms=conn.joined_at_ms,
-                    status=conn.status,
-                ),
+        return channel_pb2.Join(
+            conn_id=conn.id,
+            channel_id=conn.channel_id,
+            rejoin=rejoin,
+            member=channel_pb2.Member(
+                user_id=ident.user_id,
+                username=ident.username,
+                avatar_url=ident.avatar_url,
+                permissions=sorted(ident.permissions),
+                joined_at_ms=conn.joined_at_ms,
+                status=conn.status,
+            ),
+        )
+
+    def _registered(self, channel_id: str) -> list[Connection]:
+        """This link's connections of ``channel_id`` that the owner has answered."""
+        members = self.local.by_channel.get(channel_id)
+        if not members:
+            return []
+        return [c for c in members.values() if c.id in self.members and c.id not in self.joins]
+
+    def _rehydrate(self, channel_id: str) -> None:
+        self._queue(
+            channel_pb2.EdgeEvent(
+                rehydrated=channel_pb2.Rehydrated(
+                    channel_id=channel_id,
+                    members=[self._join(c, rejoin=True) for c in self._registered(channel_id)],
+                )
             )
         )
 
@@ -223,7 +256,8 @@ class ShardLink:
                 reply = event.reply
                 if reply.final:
                     self.inflight.pop((reply.conn_id, reply.client_msg_id), None)
-                local.reply(reply, "ack" if b'"type":"ack"' in reply.payload[:16] else "error")
+                ack = b'"type":"ack"' in reply.payload[:16]
+                local.reply(reply, reply.type or ("ack" if ack else "error"))
             elif kind == "join_result":
                 result = event.join_result
                 future = self.joins.pop(result.conn_id, None)
@@ -234,6 +268,12 @@ class ShardLink:
                     conn = self.members.get(result.conn_id)
                     if conn is not None:
                         local.rejoined(conn, result.last_seq)
+            elif kind == "rehydrate":
+                self._rehydrate(event.rehydrate.channel_id)
+            elif kind == "head":
+                head = event.head
+                for conn in self._registered(head.channel_id):
+                    local.rejoined(conn, head.last_seq)
 
     async def _sweep(self) -> None:
         """Answer publishes the owner has not settled in time (one timer per link)."""
@@ -251,6 +291,7 @@ class ShardLink:
                         wire.error_frame(
                             wire.UNAVAILABLE,
                             clientMsgId=pub.client_msg_id if pub.client_supplied_id else None,
+                            channel_id=pub.channel_id,
                         ),
                         self.metrics,
                         self.local.limits,

@@ -73,6 +73,9 @@ def server_options() -> GrpcOptions:
         *_common_options(),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        # gRPC binds with SO_REUSEPORT by default: a second service started on
+        # a taken port would then silently share it instead of failing.
+        ("grpc.so_reuseport", 0),
     ]
 
 

@@ -3,7 +3,10 @@
 One settings class serves all three services so that the README has one
 table and a value means the same thing wherever it is read. Defaults make
 ``make run`` work on a laptop; production overrides them through the
-environment (the Helm chart's ConfigMap and Secret).
+environment (the Helm chart's ConfigMap) and, for credentials, from files:
+with ``WADDLE_SECRETS_DIR`` set, a file named after a variable (e.g.
+``WADDLE_JWT_SECRET``) in that directory supplies its value, unless the
+variable itself is set (the chart mounts its Secrets there).
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from functools import cached_property
 from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
+
+SECRETS_DIR_VAR = "WADDLE_SECRETS_DIR"
 
 
 def _default_edge_id() -> str:
@@ -36,8 +47,12 @@ class Settings(BaseSettings):
     jwt_audience: str = ""
     jwt_issuer: str = ""
     jwt_leeway_seconds: float = Field(5.0, ge=0, le=300)
+    jwt_max_lifetime_seconds: int = Field(2592000, ge=0)  # 0: no limit
     allowed_origins: Annotated[list[str], NoDecode] = []
     edge_max_connections: int = Field(20000, ge=1)
+    handshake_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    user_max_edge_connections: int = Field(200, ge=1)
+    max_subscriptions: int = Field(100, ge=1)
     message_rate: float = Field(10.0, gt=0)
     message_burst: float = Field(30.0, ge=1)
     typing_rate: float = Field(4.0, gt=0)
@@ -51,6 +66,11 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(32768, ge=1024)
     join_timeout_seconds: float = Field(5.0, gt=0)
     send_buffer_bytes: int = Field(1 << 20, ge=4096)
+    send_stall_seconds: float = Field(10.0, gt=0)
+    replay_rate: float = Field(1000.0, gt=0)
+    replay_burst: float = Field(5000.0, ge=1)
+    edge_replay_rate: float = Field(10000.0, gt=0)
+    edge_replay_burst: float = Field(50000.0, ge=1)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
 
     # --- channel service ----------------------------------------------------
@@ -68,6 +88,8 @@ class Settings(BaseSettings):
     store_timeout_seconds: float = Field(5.0, gt=0)
     publish_timeout_seconds: float = Field(10.0, gt=0)
     rejoin_grace_seconds: float = Field(5.0, ge=0)
+    presence_linger_seconds: float = Field(5.0, ge=0, le=3600)
+    channel_idle_seconds: float = Field(30.0, ge=0, le=86400)  # 0: never hibernate
 
     # --- store service ------------------------------------------------------
     store_host: str = "127.0.0.1"
@@ -78,10 +100,30 @@ class Settings(BaseSettings):
 
     # --- all ----------------------------------------------------------------
     log_level: str = "info"
+    # Read from the environment only (it says where the other values' files are).
+    secrets_dir: str = ""
     grpc_tls_cert: str = ""
     grpc_tls_key: str = ""
     grpc_tls_ca: str = ""
     grpc_tls_client_auth: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then one file per variable in WADDLE_SECRETS_DIR."""
+        sources = [init_settings, env_settings, dotenv_settings]
+        secrets_dir = os.environ.get(SECRETS_DIR_VAR, "").strip()
+        if secrets_dir:
+            if not os.path.isdir(secrets_dir):
+                raise ValueError(f"{SECRETS_DIR_VAR}={secrets_dir}: no such directory")
+            sources.append(SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir))
+        return (*sources, file_secret_settings)
 
     @field_validator("channel_shards", "jwt_algorithms", "allowed_origins", mode="before")
     @classmethod

@@ -22,6 +22,9 @@ GENEROUS_LIMITS = {
     "WADDLE_FRAME_RATE": "5000",
     "WADDLE_FRAME_BURST": "5000",
 }
+# Departures are announced at once here; tests/e2e/test_reads_presence.py
+# runs the presence linger itself.
+SHARED_STACK_ENV = {**GENEROUS_LIMITS, "WADDLE_PRESENCE_LINGER_SECONDS": "0"}
 
 
 @contextlib.asynccontextmanager
@@ -40,7 +43,7 @@ async def stack(
     tmp: Path = tmp_path_factory.mktemp(f"stack-{request.param}")
     async with (
         database(request.param) as url,
-        start_stack(tmp, database_url=url, dev_mode=True, env=GENEROUS_LIMITS) as s,
+        start_stack(tmp, database_url=url, dev_mode=True, env=SHARED_STACK_ENV) as s,
     ):
         yield s
 

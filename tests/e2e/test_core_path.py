@@ -56,12 +56,19 @@ async def test_initial_state_then_message_to_everyone_and_ack_to_sender(
     assert set(online) == {"alice", "bob"} and online["alice"]["status"] == "online"
     assert isinstance(online["alice"]["joinedAt"], int)
     joined = await alice.recv()
-    assert joined == {"type": "user_connected", "userId": "bob", "username": "bob"}
+    assert joined == {
+        "type": "user_connected",
+        "channelId": cid,
+        "userId": "bob",
+        "username": "bob",
+    }
 
     await alice.send(
         {"type": "message", "content": "hello", "clientMsgId": "m-1", "threadId": "t1"}
     )
-    mine = await alice.recv_message()
+    mine_frame = await alice.recv_type("message")
+    mine = mine_frame["message"]
+    assert mine_frame["channelId"] == cid, "every frame about a channel names it"
     ack = await alice.recv_type("ack")
     theirs = await bob.recv_message()
     assert mine == theirs
@@ -70,6 +77,7 @@ async def test_initial_state_then_message_to_everyone_and_ack_to_sender(
     assert abs(mine["timestamp"] - time.time() * 1000) < 60_000
     assert ack == {
         "type": "ack",
+        "channelId": cid,
         "clientMsgId": "m-1",
         "id": mine["id"],
         "seq": 1,
@@ -323,7 +331,13 @@ async def test_typing_goes_to_everyone_but_the_typist(
     await typist.recv_type("user_connected")
     await typist.send({"type": "typing", "isTyping": True})
     frame = await other.recv_type("typing")
-    assert frame == {"type": "typing", "userId": "tina", "username": "tina", "isTyping": True}
+    assert frame == {
+        "type": "typing",
+        "channelId": cid,
+        "userId": "tina",
+        "username": "tina",
+        "isTyping": True,
+    }
     # The owner handles a channel's events in order: the typist's next frame
     # from the owner is its own message, with no typing echo before it.
     await typist.send({"type": "message", "content": "done typing"})
@@ -344,12 +358,18 @@ async def test_presence_and_connect_disconnect_per_user(
     cid = channel("presence")
     watcher, _ = await join(http, stack, cid, "walt")
     pat1, _ = await join(http, stack, cid, "pat")
-    assert await watcher.recv() == {"type": "user_connected", "userId": "pat", "username": "pat"}
+    assert await watcher.recv() == {
+        "type": "user_connected",
+        "channelId": cid,
+        "userId": "pat",
+        "username": "pat",
+    }
     pat2, state = await join(http, stack, cid, "pat")  # same user, second tab: no event
     assert sorted(u["userId"] for u in state["onlineUsers"]) == ["pat", "walt"]
     await pat1.send({"type": "presence", "status": "away"})
     assert await watcher.recv() == {
         "type": "presence",
+        "channelId": cid,
         "userId": "pat",
         "username": "pat",
         "status": "away",
@@ -362,7 +382,14 @@ async def test_presence_and_connect_disconnect_per_user(
     await pat2.send({"type": "message", "content": "still online"})
     assert (await watcher.recv())["type"] == "message"
     await pat2.close()
-    assert await watcher.recv() == {"type": "user_disconnected", "userId": "pat", "username": "pat"}
+    # (Between the message and the departure: pat's read receipt, as sending reads.)
+    # The shared stack runs without a presence linger; test_reads_presence has it.
+    assert await watcher.recv_type("user_disconnected") == {
+        "type": "user_disconnected",
+        "channelId": cid,
+        "userId": "pat",
+        "username": "pat",
+    }
     await watcher.close()
     await newcomer.close()
 
@@ -382,12 +409,22 @@ async def test_sync_replays_missed_messages_in_order(
     replayed = [await late.recv_message() for _ in range(4)]
     assert [m["seq"] for m in replayed] == [4, 5, 6, 7]
     assert [m["content"] for m in replayed] == ["n4", "n5", "n6", "n7"]
-    assert await late.recv() == {"type": "sync_complete", "lastSeq": 7, "count": 4}
+    assert await late.recv() == {
+        "type": "sync_complete",
+        "channelId": cid,
+        "lastSeq": 7,
+        "count": 4,
+    }
     # By message id: after seq 5's id.
     again, _ = await join(http, stack, cid, "again")
     await again.send({"type": "sync", "afterMessageId": replayed[1]["id"]})
     assert [(await again.recv_message())["seq"] for _ in range(2)] == [6, 7]
-    assert await again.recv() == {"type": "sync_complete", "lastSeq": 7, "count": 2}
+    assert await again.recv() == {
+        "type": "sync_complete",
+        "channelId": cid,
+        "lastSeq": 7,
+        "count": 2,
+    }
     await again.send({"type": "sync", "afterMessageId": "no-such-id"})
     err = await again.recv_type("error")
     assert err["code"] == "unknown_message_id"
@@ -406,8 +443,10 @@ async def test_back_to_back_syncs_both_complete(stack: Stack, http: aiohttp.Clie
     await late.send({"type": "sync", "afterSeq": 0})
     await late.send({"type": "sync", "afterSeq": 0})
     done = [await late.recv_type("sync_complete"), await late.recv_type("sync_complete")]
-    assert done[0] == {"type": "sync_complete", "lastSeq": 5, "count": 5}
-    assert done[1] == {"type": "sync_complete", "lastSeq": 5, "count": 0}, "nothing is sent twice"
+    assert done[0] == {"type": "sync_complete", "channelId": cid, "lastSeq": 5, "count": 5}
+    assert done[1] == {"type": "sync_complete", "channelId": cid, "lastSeq": 5, "count": 0}, (
+        "nothing is sent twice"
+    )
     assert late.seqs() == [1, 2, 3, 4, 5]
     await late.send({"type": "sync", "afterSeq": 0})
     await late.send({"type": "sync", "afterSeq": 0})

@@ -15,7 +15,15 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from edge.auth import AuthError, TokenVerifier, extract_token
+from edge.auth import (
+    DEV_CLAIM,
+    AuthError,
+    TokenVerifier,
+    dev_user_id,
+    dev_username,
+    extract_token,
+    mint_token,
+)
 
 SECRET = "unit-test-secret-" + "0123456789abcdef" * 4
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -174,3 +182,136 @@ async def test_algorithm_confusion_is_refused(jwks_url: str) -> None:
     # Even with HS256 allowed too, the HMAC key is the secret, not the public key.
     with pytest.raises(AuthError):
         await TokenVerifier(SECRET, algorithms=["HS256", "RS256"], jwks_url=jwks_url).verify(forged)
+
+
+# --- hostile claims in correctly signed tokens ----------------------------------
+
+NOW = int(time.time())
+HUGE = 10**400
+
+
+def signed_payload(payload: str) -> str:
+    """An HS256 token over raw JSON text (for literals json.dumps never writes)."""
+    import hashlib
+    import hmac
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(payload.encode())
+    sig = b64(hmac.new(SECRET.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest())
+    return f"{header}.{body}.{sig}"
+
+
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        pytest.param({"sub": "u\x00"}, "sub", id="nul-sub"),
+        pytest.param({"username": "Una\x00"}, "username", id="nul-username"),
+        pytest.param({"sub": "\x00"}, "sub", id="nul-only-sub"),
+        pytest.param({"avatar_url": "https://a/\x00.png"}, "avatar_url", id="nul-avatar"),
+        pytest.param({"channels": ["ok", "x\x00"]}, "channels", id="nul-channel"),
+        pytest.param({"sub": "u\x01"}, "sub", id="control-sub"),
+        pytest.param({"username": "Una\x1b[31m"}, "username", id="escape-username"),
+        pytest.param({"username": "Una\nEve"}, "username", id="newline-username"),
+        pytest.param({"username": "Una\x7f"}, "username", id="del-username"),
+        pytest.param({"username": "Una\x85"}, "username", id="c1-username"),
+        pytest.param({"avatar_url": "https://a/\r\nb.png"}, "avatar_url", id="control-avatar"),
+        pytest.param({"username": "Una\ud800"}, "username", id="surrogate-username"),
+        pytest.param({"sub": "\udfff"}, "sub", id="surrogate-sub"),
+        pytest.param({"channels": ["\ud83d"]}, "channels", id="surrogate-channel"),
+        pytest.param({"avatar_url": 0}, "avatar_url", id="avatar-not-string"),
+        pytest.param({"exp": HUGE}, "exp", id="exp-huge"),
+        pytest.param({"exp": -HUGE}, "", id="exp-huge-negative"),
+        pytest.param({"exp": 1e308}, "exp", id="exp-huge-float"),
+        pytest.param({"exp": str(NOW + 600)}, "exp", id="exp-string"),
+        pytest.param({"exp": float("inf")}, "", id="exp-infinity"),
+        pytest.param({"nbf": HUGE}, "", id="nbf-huge"),
+        pytest.param({"nbf": -HUGE}, "nbf", id="nbf-huge-negative"),
+        pytest.param({"nbf": -1e308}, "nbf", id="nbf-huge-negative-float"),
+        pytest.param({"nbf": True}, "nbf", id="nbf-boolean"),
+        pytest.param({"iat": HUGE}, "", id="iat-huge"),
+        pytest.param({"iat": -HUGE}, "iat", id="iat-huge-negative"),
+        pytest.param({"iat": -1e308}, "iat", id="iat-huge-negative-float"),
+        pytest.param({"iat": "0"}, "iat", id="iat-string"),
+    ],
+)
+async def test_hostile_claims_are_refused(over: dict[str, Any], reason: str) -> None:
+    with pytest.raises(AuthError) as info:
+        await verify(hs(**over))
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param('{"sub": "u1", "exp": 1e400}', id="exp-literal-1e400"),
+        pytest.param('{"sub": "u1", "exp": -1e400}', id="exp-literal-minus-1e400"),
+        pytest.param('{"sub": "u1", "exp": NaN}', id="exp-nan"),
+        pytest.param(f'{{"sub": "u1", "exp": {NOW + 600}, "nbf": -1e400}}', id="nbf-minus-1e400"),
+        pytest.param(f'{{"sub": "u1", "exp": {NOW + 600}, "iat": -1e400}}', id="iat-minus-1e400"),
+        pytest.param(f'{{"sub": "u1", "exp": {NOW + 600}, "iat": NaN}}', id="iat-nan"),
+        pytest.param(f'{{"sub": "u1", "exp": {NOW + 600}, "nbf": NaN}}', id="nbf-nan"),
+    ],
+)
+async def test_non_finite_time_claims_are_refused(payload: str) -> None:
+    with pytest.raises(AuthError):
+        await verify(signed_payload(payload))
+
+
+async def test_text_claims_within_the_rules_are_accepted() -> None:
+    ident = await verify(
+        hs(
+            sub="ü-\u200f-1",
+            username=" Una \U0001f427\u202e ",
+            avatar_url=None,
+            channels=["général", "x"],
+            iat=NOW,
+            nbf=NOW - 10,
+        )
+    )
+    assert ident.user_id == "ü-\u200f-1"
+    assert ident.username == "Una \U0001f427\u202e"
+    assert ident.avatar_url == "" and ident.channels == {"général", "x"}
+    assert ident.expires_at == float(claims()["exp"])
+
+
+async def test_maximum_token_lifetime() -> None:
+    day = 86400
+    within = hs(exp=NOW + day - 60)
+    beyond = hs(exp=NOW + day + 600)
+    assert (await verify(within, max_lifetime=day)).user_id == "u1"
+    with pytest.raises(AuthError, match="lifetime"):
+        await verify(beyond, max_lifetime=day)
+    # 0 turns the check off; the NumericDate range still holds.
+    far = NOW + 400 * 365 * day
+    assert (await verify(hs(exp=far), max_lifetime=0)).expires_at == float(far)
+    with pytest.raises(AuthError, match="exp"):
+        await verify(hs(exp=HUGE), max_lifetime=0)
+
+
+async def test_only_development_tokens_are_renewable() -> None:
+    dev, _ = mint_token(SECRET, user_id="dev-1", username="Dee", extra={DEV_CLAIM: True})
+    plain, _ = mint_token(SECRET, user_id="u2", username="Plain")
+    ident = await TokenVerifier(SECRET).verify_dev(dev)
+    assert (ident.user_id, ident.username) == ("dev-1", "Dee")
+    assert (await TokenVerifier(SECRET).verify(plain)).user_id == "u2"
+    with pytest.raises(AuthError, match="development"):
+        await TokenVerifier(SECRET).verify_dev(plain)
+    for marker in ("true", 1, "yes"):
+        forged, _ = mint_token(SECRET, user_id="u3", username="X", extra={DEV_CLAIM: marker})
+        with pytest.raises(AuthError):
+            await TokenVerifier(SECRET).verify_dev(forged)
+
+
+def test_dev_user_ids_are_fresh_and_names_are_checked() -> None:
+    ids = {dev_user_id() for _ in range(50)}
+    assert len(ids) == 50 and all(i.startswith("dev-") and len(i) <= 128 for i in ids)
+    assert dev_username("  Alice ") == "Alice"
+    assert dev_username("\U0001f427 é") == "\U0001f427 é"
+    for bad in ("", "   ", "x" * 65, None, 5, ["a"]):
+        with pytest.raises(ValueError, match="1 to 64"):
+            dev_username(bad)
+    for bad in ("al\x00ice", "al\nice", "\x1b[2J", "a\x85"):
+        with pytest.raises(ValueError, match="control characters"):
+            dev_username(bad)
+    with pytest.raises(ValueError, match="surrogates"):
+        dev_username("a\udc00")

@@ -113,7 +113,7 @@ def test_joining_connection_holds_then_drops_what_initial_state_covered(
     local.deliver(deliver(5))
     local.deliver(deliver(6))
     local.deliver(deliver(0, ephemeral=True, kind="typing"))  # ephemeral: not held
-    assert [s for s, _ in conn.held] == [5, 6]
+    assert [s for s, _ in conn.held or ()] == [5, 6]
     conn.transport = t = MemoryTransport()
     conn.cursor = conn.floor = 5  # JoinResult said last_seq 5
     local.activate(conn)
@@ -145,7 +145,7 @@ def test_too_many_held_frames_close_the_connection(local: LocalChannels) -> None
     local.add(conn)
     for seq in range(1, 8):
         local.deliver(deliver(seq))
-    assert conn.state is State.CLOSED and len(conn.held) == 5
+    assert conn.state is State.CLOSED and len(conn.held or ()) == 5
 
 
 def test_writes_of_one_turn_are_one_write_per_socket_in_order() -> None:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from edge.protocol import (
+    History,
+    MarkRead,
     Ping,
     ProtocolError,
     SendMessage,
     SetPresence,
     SetTyping,
+    Subscribe,
     Sync,
+    Unsubscribe,
     frame_type,
     parse_client_frame,
+    parse_frame,
 )
 from waddle_common import wire
 
@@ -120,3 +126,78 @@ def test_frame_type_names() -> None:
 def test_nul_is_refused_in_every_string_field(text: str) -> None:
     err = refused(text)
     assert err.kind is wire.INVALID_FIELD and "NUL" in (err.detail or "")
+
+
+# -- v1.1: channel-addressed frames ---------------------------------------------
+
+
+def parse_mux(text: str) -> tuple[str | None, object]:
+    return parse_frame(text, max_message_length=4000, multiplexed=True)
+
+
+def refused_mux(text: str) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        parse_mux(text)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type":"subscribe","channelId":"a"}', ("a", Subscribe())),
+        ('{"type":"subscribe","channelId":"a","afterSeq":7}', ("a", Subscribe(after_seq=7))),
+        ('{"type":"unsubscribe","channelId":"a.b:c-d_e"}', ("a.b:c-d_e", Unsubscribe())),
+        ('{"type":"message","channelId":"a","content":"hi"}', ("a", SendMessage("hi"))),
+        ('{"type":"history","channelId":"a"}', ("a", History())),
+        (
+            '{"type":"history","channelId":"a","beforeSeq":9,"limit":100,"threadId":"r"}',
+            ("a", History(before_seq=9, limit=100, thread_id="r")),
+        ),
+        ('{"type":"read","channelId":"a","seq":3}', ("a", MarkRead(3))),
+        ('{"type":"sync","channelId":"a","afterSeq":0}', ("a", Sync(after_seq=0))),
+        ('{"type":"ping"}', (None, Ping())),
+    ],
+)
+def test_multiplexed_frames(text: str, expected: tuple[str | None, object]) -> None:
+    assert parse_mux(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "channel"),
+    [
+        ('{"type":"subscribe"}', "invalid_field", None),
+        ('{"type":"message","content":"hi"}', "invalid_field", None),
+        ('{"type":"subscribe","channelId":"abc\\n"}', "invalid_field", None),
+        ('{"type":"subscribe","channelId":""}', "invalid_field", None),
+        ('{"type":"subscribe","channelId":7}', "invalid_field", None),
+        ('{"type":"subscribe","channelId":"' + "a" * 129 + '"}', "invalid_field", None),
+        ('{"type":"subscribe","channelId":"a","afterSeq":-1}', "invalid_field", "a"),
+        ('{"type":"history","channelId":"a","limit":0}', "invalid_field", "a"),
+        ('{"type":"history","channelId":"a","limit":101}', "invalid_field", "a"),
+        ('{"type":"history","channelId":"a","beforeSeq":0}', "invalid_field", "a"),
+        ('{"type":"history","channelId":"a","threadId":"x\\u0000"}', "invalid_field", "a"),
+        ('{"type":"read","channelId":"a"}', "invalid_field", "a"),
+        ('{"type":"read","channelId":"a","seq":0}', "invalid_field", "a"),
+        ('{"type":"read","channelId":"a","seq":true}', "invalid_field", "a"),
+        ('{"type":"read","channelId":"a","seq":9223372036854775808}', "invalid_field", "a"),
+        ('{"type":"message","channelId":"a","content":""}', "empty_message", "a"),
+        ('{"type":"nope","channelId":"a"}', "unknown_type", None),
+    ],
+)
+def test_multiplexed_refusals_name_the_channel_when_valid(
+    text: str, code: str, channel: str | None
+) -> None:
+    err = refused_mux(text)
+    assert err.kind.code == code
+    assert err.channel_id == channel
+    frame = orjson.loads(err.frame())
+    assert frame.get("channelId") == channel
+
+
+def test_v1_knows_history_and_read_but_not_subscriptions() -> None:
+    assert parse('{"type":"read","seq":4}') == MarkRead(4)
+    assert parse('{"type":"history","limit":10}') == History(limit=10)
+    # On v1 the socket names the channel; a channelId in the frame is ignored.
+    assert parse('{"type":"read","seq":4,"channelId":"other"}') == MarkRead(4)
+    assert refused('{"type":"subscribe","channelId":"a"}').kind.code == "unknown_type"
+    assert refused('{"type":"unsubscribe","channelId":"a"}').kind.code == "unknown_type"

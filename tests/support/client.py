@@ -22,6 +22,7 @@ class WsClient:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
         self.received: list[dict[str, Any]] = []
+        self._skipped: list[dict[str, Any]] = []  # passed over by recv_match
 
     @classmethod
     async def connect(
@@ -70,6 +71,25 @@ class WsClient:
                 if frame["type"] == kind:
                     return frame
 
+    async def recv_match(self, timeout: float = DEFAULT_TIMEOUT, **fields: Any) -> dict[str, Any]:
+        """The oldest frame not yet matched whose top-level fields equal
+        ``fields``. Frames skipped on the way wait for a later call, so frames
+        of several channels can be taken in any order, each in its own."""
+
+        def matches(frame: dict[str, Any]) -> bool:
+            return all(frame.get(k) == v for k, v in fields.items())
+
+        for i, frame in enumerate(self._skipped):
+            if matches(frame):
+                del self._skipped[i]
+                return frame
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.recv(timeout)
+                if matches(frame):
+                    return frame
+                self._skipped.append(frame)
+
     async def recv_message(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         frame = await self.recv_type("message", timeout)
         body = frame["message"]
@@ -90,5 +110,10 @@ class WsClient:
     async def close(self) -> None:
         await self.ws.close()
 
-    def seqs(self) -> list[int]:
-        return [int(f["message"]["seq"]) for f in self.received if f["type"] == "message"]
+    def seqs(self, channel_id: str | None = None) -> list[int]:
+        return [
+            int(f["message"]["seq"])
+            for f in self.received
+            if f["type"] == "message"
+            and (channel_id is None or f["message"]["channelId"] == channel_id)
+        ]

@@ -8,8 +8,13 @@ restarted on the same ports for fault tests.
 
 ``python -m tests.support.stack --json`` does the same from the command line
 (development mode on) for tests written in other languages: it prints one
-JSON line with ``edge_url`` and ``jwt_secret`` and runs until SIGTERM or
-until its standard input closes.
+JSON line with ``edge_url``, ``edge_urls`` and ``jwt_secret`` and runs until
+SIGTERM or until its standard input closes. ``--edges N`` starts N edges,
+``--env NAME=VALUE`` (repeatable) sets a variable for every service. Lines
+on standard input are commands, each answered with one JSON line:
+``restart_edge [i]`` kills edge ``i`` (default 0) and starts it again on the
+same port (answer ``{"event": "edge_restarted", "edge": i}``); anything else
+is answered ``{"event": "error", ...}``.
 """
 
 from __future__ import annotations
@@ -120,6 +125,17 @@ class Stack:
             log_path=self.tmp / f"channel{i}.log",
         )
 
+    async def restart_edge(self, i: int = 0, *, kill: bool = True) -> None:
+        old = self.edges[i]
+        port = old.port("http_port")
+        await (old.kill() if kill else old.stop())
+        self.edges[i] = await start_service(
+            f"edge{i}",
+            "edge",
+            {**old.env, "WADDLE_EDGE_PORT": str(port)},
+            log_path=self.tmp / f"edge{i}.log",
+        )
+
     async def stop(self) -> None:
         for svc in [*self.edges, *self.channels, self.store]:
             with contextlib.suppress(Exception):
@@ -193,24 +209,75 @@ async def start_stack(
         await stack.stop()
 
 
+async def _command(stack: Stack, line: str) -> dict[str, Any]:
+    """Run one command line of the ``--json`` CLI; return its answer."""
+    words = line.split()
+    if words and words[0] == "restart_edge" and len(words) <= 2:
+        arg = words[1] if len(words) == 2 else "0"
+        i = int(arg) if arg.isdigit() else -1
+        if not 0 <= i < len(stack.edges):
+            return {"event": "error", "error": f"no such edge: {arg[:20]}"}
+        await stack.restart_edge(i)
+        return {"event": "edge_restarted", "edge": i, "edge_url": stack.http_url("", edge=i)}
+    return {"event": "error", "error": f"unknown command: {line.strip()[:100]}"}
+
+
+async def _serve_commands(stack: Stack) -> None:
+    """Answer command lines on standard input until it closes."""
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        if line.strip():
+            answer = await _command(stack, line)
+            sys.stdout.write(orjson.dumps(answer).decode() + "\n")
+            sys.stdout.flush()
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 async def _cli(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.support.stack")
     parser.add_argument("--json", action="store_true", help="print one JSON line when ready")
     parser.add_argument("--database-url", default=None)
+    parser.add_argument("--edges", type=int, default=1, help="how many edges to start")
+    parser.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for every service (repeatable)",
+    )
     args = parser.parse_args(argv)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     with tempfile.TemporaryDirectory(prefix="waddle-stack-") as tmp:
-        async with start_stack(Path(tmp), database_url=args.database_url, dev_mode=True) as stack:
-            info = {"edge_url": stack.edge_url, "jwt_secret": stack.jwt_secret, "tmp": tmp}
+        async with start_stack(
+            Path(tmp),
+            database_url=args.database_url,
+            dev_mode=True,
+            edges=args.edges,
+            env=dict(args.env),
+        ) as stack:
+            info = {
+                "edge_url": stack.edge_url,
+                "edge_urls": [stack.http_url("", edge=i) for i in range(len(stack.edges))],
+                "jwt_secret": stack.jwt_secret,
+                "tmp": tmp,
+            }
             sys.stdout.write(orjson.dumps(info).decode() + "\n")
             sys.stdout.flush()
-            stdin_closed = loop.run_in_executor(None, sys.stdin.read)
+            commands = asyncio.ensure_future(_serve_commands(stack))
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([stopper, stdin_closed], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([stopper, commands], return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
+            commands.cancel()
     # The stdin reader thread may still be blocked; do not wait for it.
     os._exit(0)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -42,4 +44,47 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, key: str, value: str) -> None:
     monkeypatch.setenv(key, value)
     with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_credentials_are_read_from_files_in_the_secrets_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("WADDLE_JWT_SECRET", raising=False)
+    monkeypatch.delenv("WADDLE_DATABASE_URL", raising=False)
+    # What a Kubernetes Secret volume holds: one file per key, often newline-terminated.
+    (tmp_path / "WADDLE_JWT_SECRET").write_text("from-a-file-" + "k" * 32 + "\n")
+    (tmp_path / "WADDLE_DATABASE_URL").write_text("postgresql+psycopg://u:p@db:5432/w")
+    monkeypatch.setenv("WADDLE_SECRETS_DIR", str(tmp_path))
+    s = Settings()
+    assert s.jwt_secret == "from-a-file-" + "k" * 32
+    assert s.database_url == "postgresql+psycopg://u:p@db:5432/w"
+    assert s.secrets_dir == str(tmp_path)
+
+
+def test_a_variable_that_is_set_wins_over_its_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "WADDLE_JWT_SECRET").write_text("file-value")
+    monkeypatch.setenv("WADDLE_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("WADDLE_JWT_SECRET", "env-value")
+    assert Settings().jwt_secret == "env-value"
+
+
+def test_without_a_secrets_dir_files_are_not_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "WADDLE_JWT_SECRET").write_text("file-value")
+    monkeypatch.delenv("WADDLE_SECRETS_DIR", raising=False)
+    monkeypatch.delenv("WADDLE_JWT_SECRET", raising=False)
+    assert Settings().jwt_secret == ""
+
+
+def test_a_missing_secrets_dir_is_an_error_that_names_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv("WADDLE_SECRETS_DIR", str(missing))
+    with pytest.raises(ValueError, match=f"WADDLE_SECRETS_DIR={missing}"):
         Settings()

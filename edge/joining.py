@@ -1,0 +1,79 @@
+"""Registering one connection with its channel's owner, and the
+``initial_state`` it then gets - on either endpoint.
+
+The owner answers a join with the channel's state (recent messages,
+online users, ``lastSeq``, and the user's read cursor when the user is
+connected elsewhere); the edge reads the stored cursor meanwhile and sends
+the newer of the two as ``readSeq``, with ``unreadCount`` (messages after
+the cursor, at most ``UNREAD_CAP``). A store that does not answer within
+``CURSOR_TIMEOUT`` costs the join nothing: the owner's value stands, or the
+two fields are left out.
+A resumed subscription (``afterSeq``) gets no recent messages: what it
+missed follows as a replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import orjson
+
+from edge.connection import Connection
+from edge.runtime import EdgeRuntime
+from edge.shards import ShardLink
+from waddle_common.store_client import StoreUnavailable
+
+UNREAD_CAP = 1000
+CURSOR_TIMEOUT = 1.0
+REFUSALS = frozenset({"channel_full", "user_limit", "unavailable"})
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    initial_state: bytes
+    last_seq: int
+
+
+async def _read_cursor(runtime: EdgeRuntime, conn: Connection) -> int | None:
+    with contextlib.suppress(StoreUnavailable, TimeoutError):
+        async with asyncio.timeout(CURSOR_TIMEOUT):
+            return await runtime.store.get_read_cursor(conn.identity.user_id, conn.channel_id)
+    return None
+
+
+async def join(
+    runtime: EdgeRuntime, conn: Connection, link: ShardLink, *, resume: bool
+) -> Joined | str:
+    """Add ``conn`` here and at the owner; return what to send first, or the
+    refusal (``channel_full``, ``user_limit``, ``unavailable``) after undoing it."""
+    runtime.local.add(conn)
+    cursor = asyncio.ensure_future(_read_cursor(runtime, conn))
+    try:
+        result = await asyncio.wait_for(link.join(conn), runtime.settings.join_timeout_seconds)
+    except TimeoutError:
+        result = None
+    except BaseException:
+        cursor.cancel()
+        link.leave(conn)
+        runtime.local.remove(conn)
+        raise
+    if result is None or not result.ok:
+        cursor.cancel()
+        link.leave(conn)
+        runtime.local.remove(conn)
+        refusal = result.refusal if result is not None else ""
+        return refusal if refusal in REFUSALS else "unavailable"
+    stored = await cursor
+    state = orjson.loads(result.initial_state)
+    # The owner knows the newest cursor of a user connected elsewhere (its
+    # store writes are batched); the store knows it for everyone else.
+    owners = state.get("readSeq", 0)
+    read_seq = owners if stored is None else max(stored, owners)
+    if stored is not None or owners:
+        state["readSeq"] = read_seq
+        state["unreadCount"] = min(max(0, result.last_seq - read_seq), UNREAD_CAP)
+    if resume:
+        state["messages"] = []
+    return Joined(orjson.dumps(state), result.last_seq)
