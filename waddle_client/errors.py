@@ -5,11 +5,21 @@
 refuses a send because too many messages await their ``ack``, and
 ``ClientClosedError`` says the client reached its terminal state (closed by
 the application, or refused by the server) and carries the reason.
+``ChannelClosedError`` (a ``ClientClosedError``) says one channel of a v1.1
+connection ended (unsubscribed, or refused), and ``SubscribeError`` (a
+``ChannelClosedError``) that the server refused a subscription for good.
 """
 
 from __future__ import annotations
 
-__all__ = ["ClientClosedError", "QueueFullError", "SendError", "WaddleError"]
+__all__ = [
+    "ChannelClosedError",
+    "ClientClosedError",
+    "QueueFullError",
+    "SendError",
+    "SubscribeError",
+    "WaddleError",
+]
 
 
 class WaddleError(Exception):
@@ -58,3 +68,26 @@ class ClientClosedError(WaddleError):
         self.reason = reason
         self.close_code = close_code
         self.http_status = http_status
+
+
+class ChannelClosedError(ClientClosedError):
+    """One channel of a ``WaddleConnection`` is closed: ``unsubscribe()`` was
+    called, or the server refused it for good (``code``, e.g. ``forbidden``)."""
+
+    def __init__(self, reason: str, *, channel_id: str, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.channel_id = channel_id
+        self.code = code
+
+
+class SubscribeError(ChannelClosedError):
+    """The server refused a subscription for good.
+
+    ``code`` is the server's: ``forbidden`` (the token may not read the
+    channel), ``too_many_subscriptions`` (the socket holds the server's
+    maximum), or ``invalid_field``; ``message`` its text.
+    """
+
+    def __init__(self, code: str, message: str, *, channel_id: str) -> None:
+        super().__init__(f"{code}: {message}", channel_id=channel_id, code=code)
+        self.message = message

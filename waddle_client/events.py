@@ -4,7 +4,9 @@ Every event is a frozen dataclass deriving from ``Event``, so an application
 can subscribe to one kind (``client.on(Message, cb)``) or to all of them
 (``client.on(Event, cb)``), and ``match`` on them when iterating
 ``client.events()``. The ``from_wire`` constructors turn the JSON objects of
-the v1 protocol into these types and tolerate missing optional fields.
+the v1 and v1.1 protocols into these types and tolerate missing optional
+fields. Events about a channel carry its ``channel_id`` (the server names the
+channel in every such frame; it is empty when a frame did not).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "Ack",
+    "ChannelClosed",
     "ConnectionState",
     "ErrorEvent",
     "Event",
@@ -23,6 +26,8 @@ __all__ = [
     "Message",
     "OnlineUser",
     "Presence",
+    "PresenceDiff",
+    "ReadReceipt",
     "State",
     "SyncComplete",
     "Typing",
@@ -94,6 +99,8 @@ class Message(Event):
     """Milliseconds since the Unix epoch (server time)."""
     thread_id: str | None = None
     avatar_url: str | None = None
+    reply_count: int = 0
+    """Replies to this message (a thread root), in ``history`` pages only."""
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Message:
@@ -107,6 +114,7 @@ class Message(Event):
             timestamp=_int(data, "timestamp"),
             thread_id=_opt_str(data, "threadId"),
             avatar_url=_opt_str(data, "avatarUrl"),
+            reply_count=_int(data, "replyCount"),
         )
 
 
@@ -144,7 +152,14 @@ class InitialState(Event):
     online_users: tuple[OnlineUser, ...]
     last_seq: int
     reconnect: bool = False
-    """False for the first connection of this client, True afterwards."""
+    """False for the first connection of this client (or first subscribe of
+    this channel handle), True afterwards."""
+    read_seq: int | None = None
+    """This user's read cursor, when the server could read it."""
+    unread_count: int | None = None
+    """Messages after ``read_seq`` (the server caps it at 1000)."""
+    online_count: int | None = None
+    """All online users (``online_users`` may be capped)."""
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any], *, reconnect: bool = False) -> InitialState:
@@ -160,6 +175,9 @@ class InitialState(Event):
             online_users=users,
             last_seq=_int(data, "lastSeq"),
             reconnect=reconnect,
+            read_seq=_opt_int(data, "readSeq"),
+            unread_count=_opt_int(data, "unreadCount"),
+            online_count=_opt_int(data, "onlineCount"),
         )
 
 
@@ -175,6 +193,7 @@ class Ack(Event):
     id: str
     seq: int
     timestamp: int
+    channel_id: str = ""
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Ack:
@@ -183,6 +202,7 @@ class Ack(Event):
             id=_str(data, "id"),
             seq=_int(data, "seq"),
             timestamp=_int(data, "timestamp"),
+            channel_id=_str(data, "channelId"),
         )
 
 
@@ -193,6 +213,7 @@ class Typing(Event):
     user_id: str
     username: str
     is_typing: bool
+    channel_id: str = ""
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Typing:
@@ -200,6 +221,7 @@ class Typing(Event):
             user_id=_str(data, "userId"),
             username=_str(data, "username"),
             is_typing=data.get("isTyping") is True,
+            channel_id=_str(data, "channelId"),
         )
 
 
@@ -210,6 +232,7 @@ class Presence(Event):
     user_id: str
     username: str
     status: str
+    channel_id: str = ""
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Presence:
@@ -217,31 +240,95 @@ class Presence(Event):
             user_id=_str(data, "userId"),
             username=_str(data, "username"),
             status=_str(data, "status", "online"),
+            channel_id=_str(data, "channelId"),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class UserConnected(Event):
-    """A user's first connection to the channel."""
+    """A user's first connection to the channel (v1; v1.1 sends ``PresenceDiff``)."""
 
     user_id: str
     username: str
+    channel_id: str = ""
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> UserConnected:
-        return cls(user_id=_str(data, "userId"), username=_str(data, "username"))
+        return cls(
+            user_id=_str(data, "userId"),
+            username=_str(data, "username"),
+            channel_id=_str(data, "channelId"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class UserDisconnected(Event):
-    """A user's last connection to the channel went away."""
+    """A user's last connection to the channel went away (v1; v1.1 sends ``PresenceDiff``)."""
 
     user_id: str
     username: str
+    channel_id: str = ""
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> UserDisconnected:
-        return cls(user_id=_str(data, "userId"), username=_str(data, "username"))
+        return cls(
+            user_id=_str(data, "userId"),
+            username=_str(data, "username"),
+            channel_id=_str(data, "channelId"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceDiff(Event):
+    """Who arrived in and who left a channel within a short window (v1.1)."""
+
+    joins: tuple[OnlineUser, ...]
+    leaves: tuple[OnlineUser, ...]
+    channel_id: str = ""
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> PresenceDiff:
+        def users(key: str) -> tuple[OnlineUser, ...]:
+            raw = data.get(key)
+            if not isinstance(raw, list):
+                return ()
+            return tuple(OnlineUser.from_wire(u) for u in raw if isinstance(u, Mapping))
+
+        return cls(joins=users("joins"), leaves=users("leaves"), channel_id=_str(data, "channelId"))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadReceipt(Event):
+    """A read cursor moved to ``seq``.
+
+    ``own`` is True for this user's own cursor, moved by another of the
+    user's connections; otherwise another member read up to ``seq``.
+    """
+
+    user_id: str
+    seq: int
+    channel_id: str = ""
+    own: bool = False
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any], *, own: bool = False) -> ReadReceipt:
+        return cls(
+            user_id=_str(data, "userId"),
+            seq=_int(data, "seq"),
+            channel_id=_str(data, "channelId"),
+            own=own,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelClosed(Event):
+    """The last event of a channel handle: it was unsubscribed, refused for
+    good (``code`` is the server's, e.g. ``forbidden``), or its connection
+    closed (``code`` None, ``reason`` says why)."""
+
+    channel_id: str
+    reason: str
+    code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,10 +337,15 @@ class SyncComplete(Event):
 
     last_seq: int
     count: int
+    channel_id: str = ""
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> SyncComplete:
-        return cls(last_seq=_int(data, "lastSeq"), count=_int(data, "count"))
+        return cls(
+            last_seq=_int(data, "lastSeq"),
+            count=_int(data, "count"),
+            channel_id=_str(data, "channelId"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +358,7 @@ class ErrorEvent(Event):
     ``bad_frame`` (the server sent something unreadable), ``history_reset``
     (the channel's history went backwards), ``gap_skipped`` (a gap could not
     be filled after repeated syncs) and ``callback`` (an event callback raised).
+    ``channel_id`` names the channel the error is about, when it is about one.
     """
 
     code: str
@@ -273,7 +366,8 @@ class ErrorEvent(Event):
     retryable: bool = False
     client_msg_id: str | None = None
     retry_after: float | None = None
-    """Seconds the server asks to wait (``retryAfterMs`` of ``rate_limited``)."""
+    """Seconds the server asks to wait (``retryAfterMs``)."""
+    channel_id: str = ""
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> ErrorEvent:
@@ -284,6 +378,7 @@ class ErrorEvent(Event):
             retryable=data.get("retryable") is True,
             client_msg_id=_opt_str(data, "clientMsgId"),
             retry_after=retry_ms / 1000 if retry_ms is not None else None,
+            channel_id=_str(data, "channelId"),
         )
 
 

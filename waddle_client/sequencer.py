@@ -10,6 +10,10 @@ live ``message`` frames and replayed ones — goes through one ``Sequencer``:
 * a larger seq means something was missed: the message is held back and a
   ``sync`` for ``afterSeq = last`` is asked for, so the server replays the gap.
 
+A v1.1 subscription resumed with ``subscribe {afterSeq: last}`` gets its
+replay without a ``sync``: ``on_resume`` counts it as the sync in flight.
+One sequencer serves one channel.
+
 The sequencer does no I/O: its methods return the messages to deliver and
 whether a ``sync`` should be sent, and the client acts on that.
 """
@@ -77,6 +81,26 @@ class Sequencer:
             self._offer(message, out)
         if reconnect or (self.last is not None and self.last < state.last_seq):
             out.want_sync = True
+        return out
+
+    def on_resume(self, state: InitialState, after: int) -> Outcome:
+        """Feed the ``initial_state`` of a ``subscribe {afterSeq: after}`` (v1.1).
+
+        The server replays what follows ``after`` and then sends
+        ``sync_complete``, exactly as for a ``sync``: the replay counts as
+        the sync in flight, so no other is asked for meanwhile.
+        """
+        if self.last is None:
+            return self.on_initial_state(state, reconnect=False)
+        out = Outcome()
+        if state.last_seq < self.last:
+            # History went backwards: the replay brings nothing; start at the head.
+            out.history_reset = True
+            self.held.clear()
+            self._fruitless_syncs = 0
+            self.last = state.last_seq
+        self.sync_outstanding = True
+        self._sync_from = after
         return out
 
     # -- messages ------------------------------------------------------------

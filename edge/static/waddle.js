@@ -1,15 +1,27 @@
-// Waddle realtime browser/Node client (protocol v1).
+// Waddle realtime browser/Node client.
 //
 // A dependency-free ES module: load it with <script type="module"> in a
 // browser, or import it from Node and pass a WebSocket constructor (for
-// example the one from the `ws` package).
+// example the one from the `ws` package). It speaks both client protocols:
 //
-//   import { WaddleClient } from '/static/waddle.js';
-//   const client = new WaddleClient({ url: location.origin, channelId: 'general', token });
-//   client.on('message', (m) => console.log(m.seq, m.username, m.content));
-//   client.send('hello');
+// * v1.1, `WaddleConnection`: one socket for all of a user's channels
+//   (`GET /websocket`); `subscribe(channelId)` gives a channel handle. See
+//   ./waddle/connection.js and docs/client-js.md.
 //
-// Guarantees given to the application:
+//     import { WaddleConnection } from '/static/waddle.js';
+//     const conn = new WaddleConnection({ url: location.origin, token });
+//     const general = await conn.subscribe('general');
+//     general.on('message', (m) => console.log(m.seq, m.username, m.content));
+//     await general.send('hello');
+//
+// * v1, `WaddleClient`: one socket per channel.
+//
+//     import { WaddleClient } from '/static/waddle.js';
+//     const client = new WaddleClient({ url: location.origin, channelId: 'general', token });
+//     client.on('message', (m) => console.log(m.seq, m.username, m.content));
+//     client.send('hello');
+//
+// Guarantees given to the application (both clients):
 //   * every message seq is delivered through the `message` event exactly once
 //     and in ascending order, across reconnects (history from `initial_state`
 //     and replayed gaps included);
@@ -19,33 +31,37 @@
 //   * the connection is re-established with exponential backoff and full
 //     jitter after abnormal closes and after 1012/1013, never after
 //     `close()`, a 1000 normal close from the server or a 1008 policy close;
-//     after 4001 (token expired) only when `token` is a function that can
-//     supply a fresh token;
+//     after 4001 (token expired) v1 reconnects only when `token` is a function
+//     that can supply a fresh token, v1.1 always (it emits `auth` first);
 //   * messages refused with a retryable error (`Rate limited`, `Channel
 //     temporarily unavailable`) stay pending and are resent after the
 //     server's `retryAfterMs`.
 
-/** Protocol version offered as WebSocket subprotocol. */
-export const PROTOCOL = 'waddle.v1';
+import {
+  CHANNEL_ID,
+  CloseCode,
+  Emitter,
+  OPEN,
+  PROTOCOL,
+  STATUSES,
+  backoffDelay,
+  normalizeMessage,
+  randomId,
+  socketUrl,
+  utf8,
+} from './waddle/core.js';
+import { SocketLink } from './waddle/link.js';
+import { Outbox } from './waddle/outbox.js';
+import { Sequencer } from './waddle/sequencer.js';
 
-/** Presence statuses accepted by the server. */
-export const STATUSES = Object.freeze(['online', 'away', 'dnd']);
-
-/** WebSocket close codes used by the protocol. */
-export const CloseCode = Object.freeze({
-  NORMAL: 1000,
-  GOING_AWAY: 1001,
-  ABNORMAL: 1006,
-  POLICY_VIOLATION: 1008,
-  MESSAGE_TOO_BIG: 1009,
-  INTERNAL_ERROR: 1011,
-  SERVICE_RESTART: 1012,
-  TRY_AGAIN_LATER: 1013,
-  /** The token expired while connected: get a fresh one and reconnect. */
-  TOKEN_EXPIRED: 4001,
-});
-
-const OPEN = 1;
+export { CHANNEL_ID, CloseCode, PROTOCOL, STATUSES, backoffDelay };
+export {
+  OutgoingMessage,
+  WaddleChannel,
+  WaddleConnection,
+  WaddleRequestError,
+  connectionSocketUrl,
+} from './waddle/connection.js';
 
 /**
  * @typedef {'online' | 'away' | 'dnd'} PresenceStatus
@@ -128,8 +144,6 @@ const OPEN = 1;
  * @property {string} content
  * @property {string | undefined} threadId
  *
- * @typedef {PendingMessage & {frame: string, sentOn: number, held: boolean}} OutboxEntry
- *
  * @typedef {{
  *   message: ChatMessage,
  *   ack: AckFrame,
@@ -179,85 +193,16 @@ const OPEN = 1;
  * @returns {string}
  */
 export function channelSocketUrl(base, channelId) {
-  const origin = globalThis.location?.href;
-  const url = origin ? new URL(base, origin) : new URL(base);
-  if (url.protocol === 'http:') url.protocol = 'ws:';
-  else if (url.protocol === 'https:') url.protocol = 'wss:';
-  else if (url.protocol !== 'ws:' && url.protocol !== 'wss:') {
-    throw new TypeError(`Unsupported URL scheme: ${url.protocol}`);
-  }
-  url.pathname = `${url.pathname.replace(/\/+$/, '')}/channel/${encodeURIComponent(channelId)}/websocket`;
-  url.hash = '';
-  return url.toString();
+  return socketUrl(base, `/channel/${encodeURIComponent(channelId)}/websocket`);
 }
 
 /**
- * Full-jitter exponential backoff: a uniform draw in [0, min(cap, base * 2^attempt)).
- * @param {number} attempt  0-based retry counter.
- * @param {number} random   Draw in [0, 1).
- * @param {number} [baseMs=1000]
- * @param {number} [capMs=30000]
- * @returns {number}
+ * A Waddle channel connection (protocol v1) that survives network drops.
  */
-export function backoffDelay(attempt, random, baseMs = 1000, capMs = 30000) {
-  const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 52));
-  return random * ceiling;
-}
-
-/** @returns {string} A random (v4) UUID, also outside secure contexts. */
-function randomId() {
-  const c = globalThis.crypto;
-  if (c && typeof c.randomUUID === 'function') return c.randomUUID();
-  const bytes = new Uint8Array(16);
-  if (c && typeof c.getRandomValues === 'function') c.getRandomValues(bytes);
-  else for (let i = 0; i < 16; i += 1) bytes[i] = Math.floor(Math.random() * 256);
-  bytes[6] = (bytes[6] & 0x0f) | 0x40;
-  bytes[8] = (bytes[8] & 0x3f) | 0x80;
-  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
-  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
-}
-
-/**
- * Sequence numbers are integers; tolerate ones encoded as strings.
- * @param {unknown} value
- * @returns {number | null}
- */
-function toSeq(value) {
-  const n = typeof value === 'string' && value !== '' ? Number(value) : value;
-  return typeof n === 'number' && Number.isSafeInteger(n) ? n : null;
-}
-
-/**
- * @param {any} message
- * @returns {ChatMessage | null}
- */
-function normalizeMessage(message) {
-  if (!message || typeof message !== 'object') return null;
-  const seq = toSeq(message.seq);
-  if (seq === null) return null;
-  return seq === message.seq ? message : { ...message, seq };
-}
-
-/** @param {unknown} err */
-function describe(err) {
-  return err instanceof Error ? err.message : String(err);
-}
-
-/** @param {unknown} err */
-function report(err) {
-  if (typeof globalThis.reportError === 'function') globalThis.reportError(err);
-  else console.error(err);
-}
-
-const utf8 = new TextEncoder();
-const utf8Decoder = new TextDecoder();
-
-/**
- * A Waddle channel connection that survives network drops.
- */
-export class WaddleClient {
+export class WaddleClient extends Emitter {
   /** @param {WaddleClientOptions} options */
   constructor(options) {
+    super();
     const { url, channelId, token } = options ?? {};
     if (typeof url !== 'string' || !url) throw new TypeError('options.url is required');
     if (typeof channelId !== 'string' || !channelId) {
@@ -268,71 +213,62 @@ export class WaddleClient {
     }
     this.url = channelSocketUrl(url, channelId);
     this.channelId = channelId;
-    /** @private */ this._token = token;
-    /** @private */ this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof this._WebSocket !== 'function') {
-      throw new TypeError('No WebSocket implementation: pass options.WebSocket');
-    }
-    /** @private */ this._random = options.random ?? Math.random;
-    /** @private */ this._setTimeout = options.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms));
-    /** @private */ this._clearTimeout = options.clearTimeout ?? ((h) => globalThis.clearTimeout(h));
-    /** @private */ this._now = options.now ?? (() => Date.now());
+    /** @private */ this._tokenIsFunction = typeof token === 'function';
+    const setTimeout = options.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms));
+    const clearTimeout = options.clearTimeout ?? ((h) => globalThis.clearTimeout(h));
     /** @private */ this._baseDelayMs = options.baseDelayMs ?? 1000;
-    /** @private */ this._maxDelayMs = options.maxDelayMs ?? 30000;
-    /** @private */ this._stableAfterMs = options.stableAfterMs ?? 10000;
-    /** @private */ this._heartbeatMs = options.heartbeatMs ?? 25000;
-    /** @private */ this._syncTimeoutMs = options.syncTimeoutMs ?? 10000;
     /** @private */ this._maxFrameBytes = options.maxFrameBytes ?? 32768;
-
-    /** @private @type {Map<string, Set<Function>>} */
-    this._listeners = new Map();
-    /** @private @type {ConnectionState} */
-    this._state = 'closed';
-    /** @private */ this._ws = null;
-    /** @private */ this._connId = 0;
-    /** @private */ this._everOpened = false;
-    /** @private closed for good: by close(), 1000, 1008 or an expired static token */
-    this._stopped = false;
-    /** @private */ this._attempt = 0;
-    /** @private */ this._openedAt = 0;
-    /** @private */ this._reconnectTimer = null;
-    /** @private */ this._heartbeatTimer = null;
-    /** @private */ this._syncTimer = null;
-    /** @private */ this._resendTimer = null;
     /** @private messages written and not yet answered, per connection */
     this._maxInFlight = options.maxInFlight ?? 8;
-
-    /** @private @type {Map<string, OutboxEntry>} unacknowledged messages, in send order */
-    this._unacked = new Map();
     /** @private @type {PresenceStatus | null} */
     this._presence = null;
 
-    /** @private @type {number | null} highest seq delivered to the application */
-    this._lastSeq = null;
-    /** @private */ this._syncing = false;
-    /** @private @type {Map<number, ChatMessage>} messages held back until the gap before them is filled */
-    this._held = new Map();
+    /** @private unacknowledged messages, in send order */
+    this._outbox = new Outbox({ setTimeout, clearTimeout, onRelease: () => this._pump() });
+    /** @private */
+    this._seq = new Sequencer({
+      deliver: (message) => this._emit('message', message),
+      setTimeout,
+      clearTimeout,
+      syncTimeoutMs: options.syncTimeoutMs ?? 10000,
+    });
+    /** @private */
+    this._link = new SocketLink(
+      { ...options, url: this.url, setTimeout, clearTimeout },
+      {
+        onOpen: () => this._onOpen(),
+        onFrame: (frame) => this._onFrame(frame),
+        onBadFrame: () => this._emit('error', { message: 'Invalid frame from server', code: 'bad_frame' }),
+        onDetach: () => {
+          this._seq.stop();
+          this._outbox.detach();
+        },
+        onState: (change) => this._emit('state', change),
+        onError: (err) => this._emit('error', err),
+        stopOn: (code, reason) => this._stopOn(code, reason),
+      },
+    );
 
     if (options.autoConnect !== false) {
       queueMicrotask(() => {
-        if (!this._stopped && this._state === 'closed') this.connect();
+        if (!this._link.stopped && this._link.state === 'closed') this.connect();
       });
     }
   }
 
   /** @returns {ConnectionState} */
   get state() {
-    return this._state;
+    return /** @type {ConnectionState} */ (this._link.state);
   }
 
   /** Highest sequence number delivered to the application (null before any). */
   get lastSeq() {
-    return this._lastSeq;
+    return this._seq.lastSeq;
   }
 
   /** @returns {PendingMessage[]} Messages sent but not yet acknowledged, oldest first. */
   get pending() {
-    return Array.from(this._unacked.values(), ({ clientMsgId, content, threadId }) => ({
+    return Array.from(this._outbox.entries.values(), ({ clientMsgId, content, threadId }) => ({
       clientMsgId,
       content,
       threadId,
@@ -347,13 +283,7 @@ export class WaddleClient {
    * @returns {() => void}
    */
   on(type, fn) {
-    let set = this._listeners.get(type);
-    if (!set) {
-      set = new Set();
-      this._listeners.set(type, set);
-    }
-    set.add(fn);
-    return () => this.off(type, fn);
+    return super.on(type, fn);
   }
 
   /**
@@ -362,7 +292,7 @@ export class WaddleClient {
    * @param {(event: WaddleEventMap[K]) => void} fn
    */
   off(type, fn) {
-    this._listeners.get(type)?.delete(fn);
+    super.off(type, fn);
   }
 
   /**
@@ -370,11 +300,7 @@ export class WaddleClient {
    * Calling it on a closed client reopens it.
    */
   connect() {
-    if (this._ws !== null) return;
-    this._stopped = false;
-    this._cancelReconnect();
-    this._setState(this._everOpened ? 'reconnecting' : 'connecting', {});
-    void this._open();
+    this._link.connect();
   }
 
   /**
@@ -386,7 +312,7 @@ export class WaddleClient {
    */
   send(content, options = {}) {
     if (typeof content !== 'string') throw new TypeError('content must be a string');
-    if (this._stopped) throw new Error('WaddleClient is closed');
+    if (this._link.stopped) throw new Error('WaddleClient is closed');
     const clientMsgId = randomId();
     const threadId = options.threadId ?? undefined;
     /** @type {Record<string, unknown>} */
@@ -396,8 +322,7 @@ export class WaddleClient {
     if (utf8.encode(frame).length > this._maxFrameBytes) {
       throw new RangeError('Message too long');
     }
-    const entry = { clientMsgId, content, threadId, frame, sentOn: 0, held: false };
-    this._unacked.set(clientMsgId, entry);
+    this._outbox.add({ clientMsgId, content, threadId, frame, sentOn: 0, held: false });
     this._pump();
     return clientMsgId;
   }
@@ -435,109 +360,43 @@ export class WaddleClient {
    * @param {string} [reason]
    */
   close(code = CloseCode.NORMAL, reason = 'client closed') {
-    this._stopped = true;
-    this._cancelReconnect();
-    const ws = this._ws;
-    this._detach();
-    if (ws && ws.readyState <= OPEN) {
-      try {
-        ws.close(code, reason);
-      } catch {
-        ws.close();
-      }
-    }
-    this._setState('closed', { code, reason });
+    this._link.close(code, reason);
   }
 
   // --- internals ----------------------------------------------------------
 
   /** @private */
-  async _open() {
-    const connId = ++this._connId;
-    let token;
-    try {
-      token = typeof this._token === 'function' ? await this._token() : this._token;
-    } catch (err) {
-      if (this._stopped || connId !== this._connId) return;
-      this._emit('error', { message: `Could not get a token: ${describe(err)}`, code: 'token' });
-      this._scheduleReconnect({ code: CloseCode.ABNORMAL, reason: 'token unavailable' });
-      return;
-    }
-    if (this._stopped || connId !== this._connId) return;
-    let ws;
-    try {
-      ws = new this._WebSocket(this.url, [PROTOCOL, `bearer.${token}`]);
-    } catch (err) {
-      this._emit('error', { message: `Could not open a WebSocket: ${describe(err)}`, code: 'connect' });
-      this._scheduleReconnect({ code: CloseCode.ABNORMAL, reason: 'constructor failed' });
-      return;
-    }
-    this._ws = ws;
-    if ('binaryType' in ws) ws.binaryType = 'arraybuffer';
-    ws.addEventListener('open', () => {
-      if (ws === this._ws) this._onOpen();
-    });
-    ws.addEventListener('message', (event) => {
-      if (ws === this._ws) this._onData(event.data);
-    });
-    ws.addEventListener('close', (event) => {
-      if (ws === this._ws) this._onClose(event.code, event.reason);
-    });
-    ws.addEventListener('error', () => {
-      // A close event always follows; reconnection is handled there.
-    });
-  }
-
-  /** @private */
   _onOpen() {
-    this._everOpened = true;
-    this._openedAt = this._now();
     // Announce what the server needs to know about this client before the
     // application sees `open`, so the order on the wire is: sync, presence,
     // then every unacknowledged message in the order it was sent.
-    if (this._lastSeq !== null) {
-      this._syncing = true;
-      this._raw({ type: 'sync', afterSeq: this._lastSeq });
-      this._syncTimer = this._setTimeout(() => {
-        this._syncTimer = null;
-        this._finishSync();
-      }, this._syncTimeoutMs);
+    if (this._seq.lastSeq !== null) {
+      this._seq.beginSync();
+      this._raw({ type: 'sync', afterSeq: this._seq.lastSeq });
     }
     if (this._presence !== null && this._presence !== 'online') {
       this._raw({ type: 'presence', status: this._presence });
     }
     this._pump();
-    this._armHeartbeat();
-    this._setState('open', {});
   }
 
   /** @private */
-  _onData(data) {
-    this._armHeartbeat();
-    let frame;
-    try {
-      const text = typeof data === 'string' ? data : utf8Decoder.decode(data);
-      frame = JSON.parse(text);
-    } catch {
-      this._emit('error', { message: 'Invalid frame from server', code: 'bad_frame' });
-      return;
-    }
-    if (!frame || typeof frame !== 'object') return;
+  _onFrame(frame) {
     switch (frame.type) {
       case 'initial_state':
         this._onInitialState(frame);
         break;
       case 'message': {
         const message = normalizeMessage(frame.message);
-        if (message) this._accept(message);
+        if (message) this._seq.accept(message);
         break;
       }
       case 'sync_complete':
-        this._finishSync();
+        this._seq.finishSync();
         this._emit('sync_complete', frame);
         break;
       case 'ack':
-        if (this._unacked.delete(frame.clientMsgId)) {
+        if (this._outbox.take(frame.clientMsgId)) {
           this._emit('ack', frame);
           this._pump();
         }
@@ -568,8 +427,8 @@ export class WaddleClient {
     const id = typeof frame.clientMsgId === 'string' ? frame.clientMsgId : undefined;
     const retryable = frame.retryable === true;
     const retryAfterMs = Number.isFinite(frame.retryAfterMs) ? Math.max(0, frame.retryAfterMs) : undefined;
-    if (retryable) this._scheduleResend(id, retryAfterMs ?? this._baseDelayMs);
-    else if (id !== undefined && this._unacked.delete(id)) this._pump();
+    if (retryable) this._outbox.hold(id, retryAfterMs ?? this._baseDelayMs);
+    else if (id !== undefined && this._outbox.take(id)) this._pump();
     /** @type {WaddleError} */
     const err = { message: String(frame.message ?? 'Error'), code: frame.code };
     if (id !== undefined) err.clientMsgId = id;
@@ -580,267 +439,61 @@ export class WaddleClient {
 
   /**
    * Write unacknowledged messages in send order while fewer than
-   * `maxInFlight` are awaiting an answer on this connection. The window keeps
-   * a long queue (after a reconnect) from arriving as one burst that the
-   * server's rate limit would refuse.
+   * `maxInFlight` are awaiting an answer on this connection.
    * @private
    */
   _pump() {
-    // Not _isOpen(): _onOpen pumps before it announces the `open` state.
-    if (this._ws === null || this._ws.readyState !== OPEN) return;
-    let inFlight = 0;
-    for (const entry of this._unacked.values()) if (entry.sentOn === this._connId) inFlight += 1;
-    for (const entry of this._unacked.values()) {
-      if (inFlight >= this._maxInFlight) break;
-      if (entry.sentOn === this._connId) continue;
-      if (entry.held) break; // waiting out a pause the server asked for; keep the order
-      this._ws.send(entry.frame);
-      entry.sentOn = this._connId;
-      inFlight += 1;
-    }
-  }
-
-  /**
-   * Resend one refused message (or, when the server did not say which, every
-   * pending one: the server deduplicates by clientMsgId) after `delayMs`.
-   * @private
-   * @param {string | undefined} clientMsgId
-   * @param {number} delayMs
-   */
-  _scheduleResend(clientMsgId, delayMs) {
-    for (const entry of this._unacked.values()) {
-      if (clientMsgId === undefined || entry.clientMsgId === clientMsgId) {
-        entry.held = true;
-        entry.sentOn = 0;
-      }
-    }
-    if (this._resendTimer !== null) return;
-    this._resendTimer = this._setTimeout(() => {
-      this._resendTimer = null;
-      for (const entry of this._unacked.values()) entry.held = false;
-      this._pump(); // a reconnect in the meantime resent them already
-    }, delayMs);
+    // Not the `open` state: _onOpen pumps before it announces it.
+    if (!this._link.writable) return;
+    const connId = this._link.connId;
+    const room = this._maxInFlight - this._outbox.inFlight(connId);
+    this._outbox.pump(connId, room, (frame) => this._link.write(frame));
   }
 
   /** @private */
   _onInitialState(frame) {
-    const serverLast = toSeq(frame.lastSeq);
-    if (this._lastSeq !== null && serverLast !== null && serverLast < this._lastSeq) {
+    const { first, reset } = this._seq.open(frame.lastSeq);
+    if (reset) {
       // The channel's history went backwards (a wiped development database):
       // nothing after our position will ever come, so start over.
       this._emit('error', {
         message: 'Channel history was reset on the server',
         code: 'history_reset',
       });
-      this._lastSeq = null;
-      this._held.clear();
-      this._syncing = false;
-      this._clearSyncTimer();
     }
-    const first = this._lastSeq === null;
     this._emit('initial_state', frame);
-    const messages = (Array.isArray(frame.messages) ? frame.messages : [])
-      .map(normalizeMessage)
-      .filter((m) => m !== null)
-      .sort((a, b) => a.seq - b.seq);
-    for (const message of messages) this._accept(message, first);
-    if (first && serverLast !== null && (this._lastSeq === null || serverLast > this._lastSeq)) {
-      this._lastSeq = serverLast;
-    }
+    this._seq.initial(frame.messages, frame.lastSeq, first);
   }
 
   /**
-   * The exactly-once, in-order filter every message goes through.
+   * Whether a close ends the client for good (and why).
    * @private
-   * @param {ChatMessage} message
-   * @param {boolean} [direct] deliver even across a gap (first initial_state)
    */
-  _accept(message, direct = false) {
-    const seq = message.seq;
-    if (this._lastSeq !== null && seq <= this._lastSeq) return;
-    if (this._held.has(seq)) return;
-    if (this._lastSeq === null || direct || !this._syncing || seq === this._lastSeq + 1) {
-      this._deliver(message);
-      this._drainHeld();
-    } else {
-      // A gap before this seq is being replayed: hold it back.
-      this._held.set(seq, message);
-    }
-  }
-
-  /** @private */
-  _deliver(message) {
-    this._lastSeq = message.seq;
-    this._emit('message', message);
-  }
-
-  /** @private */
-  _drainHeld() {
-    while (this._lastSeq !== null && this._held.has(this._lastSeq + 1)) {
-      const next = this._held.get(this._lastSeq + 1);
-      this._held.delete(this._lastSeq + 1);
-      this._deliver(next);
-    }
-  }
-
-  /** @private Deliver whatever is held back, in order, gaps or not. */
-  _finishSync() {
-    this._syncing = false;
-    this._clearSyncTimer();
-    const seqs = Array.from(this._held.keys()).sort((a, b) => a - b);
-    for (const seq of seqs) {
-      const message = this._held.get(seq);
-      this._held.delete(seq);
-      if (this._lastSeq === null || seq > this._lastSeq) this._deliver(message);
-    }
-  }
-
-  /** @private */
-  _onClose(code, reason) {
-    this._detach();
-    const stableFor = this._now() - this._openedAt;
-    if (this._openedAt && stableFor >= this._stableAfterMs) this._attempt = 0;
-    this._openedAt = 0;
-    if (this._stopped) {
-      this._setState('closed', { code, reason });
-      return;
-    }
+  _stopOn(code, reason) {
     const expired = code === CloseCode.TOKEN_EXPIRED;
-    if (expired && typeof this._token === 'function') {
-      // Reconnect: the token function is asked for a fresh token.
-    } else if (code === CloseCode.POLICY_VIOLATION || code === CloseCode.NORMAL || expired) {
-      this._stopped = true;
-      if (code === CloseCode.POLICY_VIOLATION) {
-        this._emit('error', {
-          message: reason || 'Closed by the server for a policy violation',
-          code: 'policy_violation',
-          closeCode: code,
-        });
-      } else if (expired) {
-        this._emit('error', {
-          message: reason || 'Token expired',
-          code: 'token_expired',
-          closeCode: code,
-        });
-      }
-      this._setState('closed', { code, reason });
-      return;
+    if (expired && this._tokenIsFunction) return false; // the function is asked for a fresh token
+    if (code === CloseCode.POLICY_VIOLATION) {
+      this._emit('error', {
+        message: reason || 'Closed by the server for a policy violation',
+        code: 'policy_violation',
+        closeCode: code,
+      });
+      return true;
     }
-    this._scheduleReconnect({ code, reason });
-  }
-
-  /** @private */
-  _scheduleReconnect({ code, reason }) {
-    this._detach();
-    const attempt = this._attempt;
-    this._attempt += 1;
-    const delayMs = backoffDelay(attempt, this._random(), this._baseDelayMs, this._maxDelayMs);
-    this._setState('reconnecting', { code, reason, attempt, delayMs }, true);
-    this._reconnectTimer = this._setTimeout(() => {
-      this._reconnectTimer = null;
-      if (this._stopped || this._ws !== null) return;
-      void this._open();
-    }, delayMs);
-  }
-
-  /** @private Forget the current socket; its late events are ignored. */
-  _detach() {
-    this._ws = null;
-    this._connId += 1;
-    this._clearSyncTimer();
-    this._syncing = false;
-    if (this._resendTimer !== null) {
-      this._clearTimeout(this._resendTimer);
-      this._resendTimer = null;
+    if (expired) {
+      this._emit('error', { message: reason || 'Token expired', code: 'token_expired', closeCode: code });
+      return true;
     }
-    for (const entry of this._unacked.values()) entry.held = false;
-    if (this._heartbeatTimer !== null) {
-      this._clearTimeout(this._heartbeatTimer);
-      this._heartbeatTimer = null;
-    }
-  }
-
-  /** @private */
-  _cancelReconnect() {
-    if (this._reconnectTimer !== null) {
-      this._clearTimeout(this._reconnectTimer);
-      this._reconnectTimer = null;
-    }
-  }
-
-  /** @private */
-  _clearSyncTimer() {
-    if (this._syncTimer !== null) {
-      this._clearTimeout(this._syncTimer);
-      this._syncTimer = null;
-    }
-  }
-
-  /**
-   * Application-level liveness: after `heartbeatMs` without any frame, ping;
-   * if still nothing after another `heartbeatMs`, drop the socket and reconnect.
-   * @private
-   */
-  _armHeartbeat() {
-    if (this._heartbeatMs <= 0) return;
-    if (this._heartbeatTimer !== null) this._clearTimeout(this._heartbeatTimer);
-    const ws = this._ws;
-    this._heartbeatTimer = this._setTimeout(() => {
-      if (ws !== this._ws) return;
-      this._raw({ type: 'ping' });
-      this._heartbeatTimer = this._setTimeout(() => {
-        if (ws !== this._ws) return;
-        this._heartbeatTimer = null;
-        try {
-          ws.close(4000, 'heartbeat timeout');
-        } catch {
-          // ignore: the socket is being abandoned anyway
-        }
-        this._onClose(CloseCode.ABNORMAL, 'heartbeat timeout');
-      }, this._heartbeatMs);
-    }, this._heartbeatMs);
-  }
-
-  /** @private */
-  _isOpen() {
-    return this._ws !== null && this._ws.readyState === OPEN && this._state === 'open';
+    return code === CloseCode.NORMAL;
   }
 
   /** @private */
   _sendNow(payload) {
-    if (!this._isOpen()) return false;
-    this._ws.send(JSON.stringify(payload));
-    return true;
+    return this._link.isOpen() && this._link.write(JSON.stringify(payload));
   }
 
   /** @private Send on the current socket during the open handshake. */
   _raw(payload) {
-    if (this._ws !== null && this._ws.readyState === OPEN) this._ws.send(JSON.stringify(payload));
-  }
-
-  /**
-   * @private
-   * @param {ConnectionState} state
-   * @param {Partial<StateChange>} detail
-   * @param {boolean} [always] emit even when the state does not change
-   */
-  _setState(state, detail, always = false) {
-    const previous = this._state;
-    if (previous === state && !always) return;
-    this._state = state;
-    this._emit('state', { ...detail, state, previous });
-  }
-
-  /** @private */
-  _emit(type, event) {
-    const set = this._listeners.get(type);
-    if (!set) return;
-    for (const fn of Array.from(set)) {
-      try {
-        fn(event);
-      } catch (err) {
-        report(err);
-      }
-    }
+    if (this._link.ws !== null && this._link.ws.readyState === OPEN) this._link.write(JSON.stringify(payload));
   }
 }

@@ -3,22 +3,49 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
-from waddle_client import ConnectionState, Event, Message, State, WaddleClient
+from waddle_client import ConnectionState, Event, Message, State
 
 WAIT = 5.0
+# Tasks that follow an event iterator, kept alive until the iterator ends (the
+# event loop holds tasks only weakly).
+_PUMPS: set[asyncio.Task[None]] = set()
 E = TypeVar("E", bound=Event)
 
 
-class Recorder:
-    """Every event of a client, in order, as its callbacks saw them."""
+class Source(Protocol):
+    """Anything with ``on()``: a ``WaddleClient``, ``WaddleConnection`` or ``ChannelHandle``."""
 
-    def __init__(self, client: WaddleClient) -> None:
+    def on(
+        self, event_type: type[Any], callback: Callable[[Any], Awaitable[None] | None]
+    ) -> Callable[[], None]: ...
+
+
+class Recorder:
+    """Every event of a client (or channel), in order, as its callbacks saw them."""
+
+    def __init__(self, client: Source | None = None) -> None:
         self.events: list[Event] = []
         self._changed = asyncio.Condition()
-        client.on(Event, self._add)
+        if client is not None:
+            client.on(Event, self._add)
+
+    @classmethod
+    def following(cls, stream: AsyncIterator[Event]) -> Recorder:
+        """Record what an event iterator yields (the first one also yields the
+        events from before it was made); it stops when the iterator ends."""
+        recorder = cls()
+
+        async def pump() -> None:
+            async for event in stream:
+                await recorder._add(event)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        _PUMPS.add(task)
+        task.add_done_callback(_PUMPS.discard)
+        return recorder
 
     async def _add(self, event: Event) -> None:
         async with self._changed:
