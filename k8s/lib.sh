@@ -20,9 +20,10 @@ case $K8S in
         ;;
 esac
 
-# docker when present, else podman (kind then runs its nodes on podman too).
+# docker when a Docker engine answers (the CLI alone is not enough), else
+# podman (kind then runs its nodes on podman too).
 if [[ -z ${CONTAINER_TOOL:-} ]]; then
-    if command -v docker >/dev/null 2>&1; then CONTAINER_TOOL=docker; else CONTAINER_TOOL=podman; fi
+    if docker info >/dev/null 2>&1; then CONTAINER_TOOL=docker; else CONTAINER_TOOL=podman; fi
 fi
 if [[ $K8S == kind && $CONTAINER_TOOL == podman ]]; then
     export KIND_EXPERIMENTAL_PROVIDER=podman

@@ -1,9 +1,14 @@
-"""Start Waddle services as child processes and know when they are ready.
+"""Start Waddle services as child processes, know when they are ready, keep them running.
 
 Each service prints one JSON log line with ``"ready": true`` and the ports
 it bound once it is listening; ``start_service`` waits for exactly that
 line (or the process's death, or a timeout). Used by ``make run`` and by
 the end-to-end tests, which run every service on port 0.
+
+``Supervisor`` (what ``make run`` uses) restarts a service that dies, the
+way Kubernetes restarts a container: after a delay that doubles with each
+crash in a row (``Backoff``), with a line that names the service and how
+it died, on the ports it had, while the other services keep running.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +135,10 @@ async def start_service(
             f"{name} did not become ready ({type(exc).__name__}); "
             f"last output:\n{service.log_tail()}"
         ) from None
+    except asyncio.CancelledError:
+        # Whoever waited gave up (e.g. Ctrl-C during start-up): leave nothing behind.
+        await service.kill()
+        raise
     return service
 
 
@@ -149,7 +159,164 @@ async def run_to_completion(module: str, env: Mapping[str, str], timeout: float 
         proc.kill()
         await proc.wait()
         raise ServiceFailed(f"{module} timed out") from None
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
     text = out.decode("utf-8", "replace")
     if proc.returncode != 0:
         raise ServiceFailed(f"{module} failed ({proc.returncode}):\n{text}")
     return text
+
+
+def describe_exit(returncode: int) -> str:
+    """How a process ended: ``was killed by SIGKILL``, ``exited with status 1``."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
+
+
+@dataclass
+class Backoff:
+    """Delays between restarts of a crashing service, like the kubelet's CrashLoopBackOff.
+
+    The first restart waits ``initial`` seconds, each further one in a row
+    twice as long, up to ``maximum``; a run that lasted ``reset_after``
+    seconds starts the series again.
+    """
+
+    initial: float = 1.0
+    maximum: float = 30.0
+    reset_after: float = 60.0
+    _next: float = field(default=0.0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum:
+            raise ValueError("Backoff needs 0 < initial <= maximum")
+        self._next = self.initial
+
+    def next_delay(self, ran_for: float) -> float:
+        """The wait before the next start, after a run that lasted ``ran_for`` seconds."""
+        if ran_for >= self.reset_after:
+            self._next = self.initial
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay
+
+
+@dataclass(eq=False)
+class _Watched:
+    name: str
+    module: str
+    env: dict[str, str]
+    service: Service
+    backoff: Backoff
+    started_at: float
+    task: asyncio.Task[None] | None = None
+
+
+class Supervisor:
+    """Runs services and restarts the one that dies, leaving the others alone.
+
+    ``start`` starts a service and waits until it is ready, raising
+    ``ServiceFailed`` if it never is (a first start that fails is a
+    configuration error to report, not to retry). From then on a watcher
+    restarts it whenever it exits, after ``Backoff`` delays, on the ports it
+    bound the first time (``pin`` maps a ready-line key to the variable that
+    sets that port), so that the services talking to it find it again.
+    ``request_stop`` (safe to call from a signal handler) ends all restarts;
+    ``stop`` then stops the services, the last started first.
+    """
+
+    def __init__(
+        self,
+        *,
+        echo: TextIO | None = None,
+        log: Callable[[str], None] | None = None,
+        backoff: Callable[[], Backoff] = Backoff,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        self.echo = echo
+        self._log = log or (lambda line: print(line, flush=True))
+        self._backoff = backoff
+        self._ready_timeout = ready_timeout
+        self._watched: list[_Watched] = []
+        self.stopping = asyncio.Event()
+
+    def log(self, message: str) -> None:
+        self._log(f"[waddle] {message}")
+
+    def service(self, name: str) -> Service:
+        """The current (or last) process of service ``name``."""
+        for watched in self._watched:
+            if watched.name == name:
+                return watched.service
+        raise KeyError(name)
+
+    async def start(
+        self, name: str, module: str, env: Mapping[str, str], *, pin: Mapping[str, str]
+    ) -> Service:
+        service = await start_service(
+            name, module, env, echo=self.echo, timeout=self._ready_timeout
+        )
+        pinned = {**env, **{var: str(service.port(key)) for key, var in pin.items()}}
+        watched = _Watched(name, module, pinned, service, self._backoff(), time.monotonic())
+        self._watched.append(watched)
+        self.log(f"{name} is up (pid {service.pid})")
+        watched.task = asyncio.create_task(self._keep_running(watched), name=f"watch:{name}")
+        return service
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    async def _stopped_within(self, delay: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), delay)
+        return self.stopping.is_set()
+
+    async def _keep_running(self, watched: _Watched) -> None:
+        while True:
+            returncode = await watched.service.proc.wait()
+            if self.stopping.is_set():
+                return
+            ran_for = time.monotonic() - watched.started_at
+            delay = watched.backoff.next_delay(ran_for)
+            self.log(
+                f"{watched.name} (pid {watched.service.pid}) {describe_exit(returncode)} "
+                f"after {ran_for:.1f} s; restarting it in {delay:g} s"
+            )
+            while not await self._stopped_within(delay):
+                watched.started_at = time.monotonic()
+                try:
+                    watched.service = await start_service(
+                        watched.name,
+                        watched.module,
+                        watched.env,
+                        echo=self.echo,
+                        timeout=self._ready_timeout,
+                    )
+                except ServiceFailed as exc:
+                    delay = watched.backoff.next_delay(time.monotonic() - watched.started_at)
+                    self.log(f"{exc}\n[waddle] trying {watched.name} again in {delay:g} s")
+                    continue
+                self.log(f"{watched.name} is back (pid {watched.service.pid})")
+                break
+            else:
+                return
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """End every restart, then stop the services, the last started first."""
+        self.stopping.set()
+        for watched in self._watched:
+            if watched.task is not None:
+                watched.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watched.task
+        for watched in reversed(self._watched):
+            with contextlib.suppress(Exception):
+                await watched.service.stop(timeout=timeout)

@@ -35,6 +35,23 @@ VALUE_FILES: dict[str, Path | None] = {
     "kind": VALUES_DIR / "kind.yaml",
 }
 
+# Value combinations beyond those files that turn on the remaining objects.
+COMBINATIONS: dict[str, dict[str, Any]] = {
+    "inline-database-url": {
+        "postgresql": {"enabled": False},
+        "database": {"url": "postgresql://u:p@db/w"},
+    },
+    "ingress-no-policies": {
+        "edge": {"ingress": {"enabled": True}},
+        "networkPolicy": {"enabled": False},
+    },
+    "everything-on": {
+        "monitoring": {"enabled": True},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    },
+    "many-shards": {"channel": {"replicas": 7}, "imagePullSecrets": [{"name": "regcred"}]},
+}
+
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet")
 
 Obj = dict[str, Any]
@@ -107,6 +124,60 @@ def containers(workload: Obj, *, init: bool = False) -> list[Obj]:
     found: list[Obj] = list(spec.get("containers", []))
     if init:
         found += spec.get("initContainers", [])
+    return found
+
+
+def env_value(container: Obj, name: str) -> str | None:
+    """The literal value of environment variable ``name`` in ``container``, if set."""
+    for env in container.get("env", []):
+        if env["name"] == name:
+            value: str | None = env.get("value")
+            return value
+    return None
+
+
+def mounted_secret_files(
+    workload: Obj, container: Obj, mount_path: str
+) -> dict[str, tuple[str, str]]:
+    """File name -> (Secret name, key) for the Secret or projected volume at ``mount_path``."""
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == mount_path]
+    assert len(mounts) == 1, f"{container['name']}: nothing (or several) mounted at {mount_path}"
+    (volume,) = [v for v in pod_spec(workload).get("volumes", []) if v["name"] == mounts[0]["name"]]
+    if "secret" in volume:
+        sources = [{"name": volume["secret"]["secretName"], **volume["secret"]}]
+    else:
+        sources = [s["secret"] for s in volume["projected"]["sources"]]
+    files: dict[str, tuple[str, str]] = {}
+    for source in sources:
+        for item in source["items"]:
+            files[item["path"]] = (source["name"], item["key"])
+    return files
+
+
+def secret_files(workload: Obj, container: Obj) -> dict[str, tuple[str, str]]:
+    """WADDLE_ variable -> (Secret name, key) that ``container`` reads via WADDLE_SECRETS_DIR."""
+    directory = env_value(container, "WADDLE_SECRETS_DIR")
+    if directory is None:
+        return {}
+    return mounted_secret_files(workload, container, directory)
+
+
+def volume_secrets(workload: Obj) -> list[tuple[str, str | None]]:
+    """(Secret name, key or None for all keys) of every Secret the pod mounts."""
+    found: list[tuple[str, str | None]] = []
+    for volume in pod_spec(workload).get("volumes", []):
+        sources = []
+        if "secret" in volume:
+            sources.append({"name": volume["secret"]["secretName"], **volume["secret"]})
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                sources.append(source["secret"])
+        for source in sources:
+            items = source.get("items")
+            if items:
+                found += [(source["name"], item["key"]) for item in items]
+            else:
+                found.append((source["name"], None))
     return found
 
 

@@ -24,6 +24,7 @@ from tests.k8s.chart import (
     render,
     render_raw,
     render_set,
+    secret_files,
 )
 
 FULL = fullname()
@@ -43,8 +44,9 @@ def test_renders_every_value_set(value_set: str) -> None:
         key = (obj["kind"], name_of(obj))
         assert key not in seen, f"{key} rendered twice"
         seen.add(key)
-        # The release namespace comes from Helm, never from a template.
-        assert "namespace" not in obj["metadata"], key
+        # Every object lives in the release's namespace (so that `helm template |
+        # kubectl apply` lands there too), never in one a template names.
+        assert obj["metadata"].get("namespace") == NAMESPACE, key
         assert len(name_of(obj)) <= 63, key
     assert "port-forward" in rendered.notes or "ws" in rendered.notes
 
@@ -184,8 +186,8 @@ def test_external_database_migrates_in_a_pre_install_and_pre_upgrade_hook() -> N
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     (container,) = containers(job)
     assert container["command"] == ["python", "-m", "store_service.migrate"]
-    ref = next(e for e in container["env"] if e["name"] == "WADDLE_DATABASE_URL")
-    assert ref["valueFrom"]["secretKeyRef"] == {"name": "waddle-database", "key": "database-url"}
+    files = secret_files(job, container)
+    assert files == {"WADDLE_DATABASE_URL": ("waddle-database", "database-url")}
     # The release's ServiceAccount does not exist before a pre-install hook.
     assert "serviceAccountName" not in pod_spec(job)
     assert pod_spec(job)["restartPolicy"] == "Never"
@@ -216,10 +218,10 @@ def test_in_chart_postgresql_migrates_before_the_store_starts() -> None:
     store = rendered.get("Deployment", f"{FULL}-store")
     (init,) = pod_spec(store)["initContainers"]
     assert "python -m store_service.migrate" in " ".join(init["command"])
-    init_url = next(e for e in init["env"] if e["name"] == "WADDLE_DATABASE_URL")
     (main,) = containers(store)
-    main_url = next(e for e in main["env"] if e["name"] == "WADDLE_DATABASE_URL")
-    assert init_url == main_url
+    files = secret_files(store, main)
+    assert files == {"WADDLE_DATABASE_URL": (FULL, "database-url")}
+    assert secret_files(store, init) == files
 
 
 def test_generated_credentials_agree_across_objects() -> None:
@@ -242,9 +244,11 @@ def test_explicit_jwt_secret_is_used_and_existing_secret_is_referenced() -> None
 
     production = render_set("production")
     assert production.find("Secret", FULL) is None, "no credentials of its own to store"
-    (edge,) = containers(production.get("Deployment", f"{FULL}-edge"))
-    ref = next(e for e in edge["env"] if e["name"] == "WADDLE_JWT_SECRET")
-    assert ref["valueFrom"]["secretKeyRef"] == {"name": "waddle-jwt", "key": "jwt-secret"}
+    edge_deployment = production.get("Deployment", f"{FULL}-edge")
+    (edge,) = containers(edge_deployment)
+    assert secret_files(edge_deployment, edge) == {
+        "WADDLE_JWT_SECRET": ("waddle-jwt", "jwt-secret")
+    }
 
 
 def test_ingress_keeps_websockets_open() -> None:

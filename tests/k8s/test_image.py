@@ -4,8 +4,11 @@ No registry is needed: ``k8s/ci-prepare-podman.sh`` installs podman and
 makes ``localhost/debian-base:bookworm`` with debootstrap, and the build
 installs Python from apt on it. The image then runs the migration, the
 store, a channel shard and an edge the way the chart runs them (non-root,
-read-only root, no capabilities) and serves a real WebSocket client. Where
-podman is missing or cannot start containers, the tests skip and say why.
+read-only root, no capabilities, credentials as files in
+``WADDLE_SECRETS_DIR``) and serves a real WebSocket client; the
+image's HEALTHCHECK (kept by building in docker format) asks each running
+service. Where podman is missing or cannot start containers, the tests skip
+and say why.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ def image() -> str:
     cmd = [
         *PODMAN,
         "build",
+        # OCI images cannot carry a HEALTHCHECK; docker-format ones can.
+        "--format",
+        "docker",
         "--network",
         "host",
         *ULIMITS,
@@ -124,6 +130,7 @@ def test_image_is_non_root_and_has_no_compilers(image: str) -> None:
     inspected = json.loads(run([*PODMAN, "image", "inspect", image], timeout=60).stdout)
     config = inspected[0]["Config"]
     assert config["User"] == "10001:10001"
+    assert healthcheck(inspected[0])[:1] == ["python"]
     assert "PYTHONDONTWRITEBYTECODE=1" in config["Env"]
     script = (
         'test "$(id -u)" = 10001 || exit 10; '
@@ -287,6 +294,19 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     yield data
 
 
+def healthcheck(inspected: dict[str, Any]) -> list[str]:
+    """The image's HEALTHCHECK command (podman reports it beside Config, docker inside)."""
+    found = inspected.get("Healthcheck") or inspected["Config"].get("Healthcheck")
+    assert found, "the image has no HEALTHCHECK (built in OCI format?)"
+    test: list[str] = found["Test"]
+    assert test[0] == "CMD", test
+    return test[1:]
+
+
+async def podman(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(run, [*PODMAN, *args], timeout)
+
+
 async def wait_ready(http: aiohttp.ClientSession, url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -305,7 +325,12 @@ async def wait_ready(http: aiohttp.ClientSession, url: str, timeout: float = 30.
 async def test_services_start_from_the_image_and_serve_a_websocket(
     image: str, data_dir: Path
 ) -> None:
-    database = {"WADDLE_DATABASE_URL": "sqlite+aiosqlite:////data/waddle.db"}
+    # Credentials as the chart hands them over: files named after their variables.
+    secrets = data_dir / "secrets"
+    secrets.mkdir()
+    (secrets / "WADDLE_DATABASE_URL").write_text("sqlite+aiosqlite:////data/waddle.db\n")
+    (secrets / "WADDLE_JWT_SECRET").write_text(JWT_SECRET + "\n")
+    database = {"WADDLE_SECRETS_DIR": "/data/secrets"}
     common = {"WADDLE_LOG_LEVEL": "info", "WADDLE_SHUTDOWN_GRACE_SECONDS": "3"}
     async with containers(image, data_dir) as pool, aiohttp.ClientSession() as http:
         await pool.run_once("store_service.migrate", {**common, **database}, timeout=120)
@@ -340,7 +365,7 @@ async def test_services_start_from_the_image_and_serve_a_websocket(
                 "WADDLE_EDGE_HOST": "127.0.0.1",
                 "WADDLE_EDGE_PORT": "0",
                 "WADDLE_EDGE_ID": "podman-edge",
-                "WADDLE_JWT_SECRET": JWT_SECRET,
+                "WADDLE_SECRETS_DIR": "/data/secrets",
                 "WADDLE_CHANNEL_SHARDS": f"127.0.0.1:{channel.port('grpc_port')}",
                 "WADDLE_STORE_ADDRESS": store_address,
             },
@@ -374,6 +399,22 @@ async def test_services_start_from_the_image_and_serve_a_websocket(
             url = f"http://127.0.0.1:{container.port('metrics_port')}/healthz"
             async with http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as response:
                 assert response.status == 200, role
+
+        # The image's HEALTHCHECK asks each service on its port (given here, as
+        # these ran on port 0), and fails when nothing answers there.
+        inspected = json.loads((await podman(["image", "inspect", image], timeout=60)).stdout)
+        check = healthcheck(inspected[0])
+        for container, variable, key in (
+            (store, "WADDLE_STORE_METRICS_PORT", "metrics_port"),
+            (channel, "WADDLE_CHANNEL_METRICS_PORT", "metrics_port"),
+            (edge, "WADDLE_EDGE_PORT", "http_port"),
+        ):
+            port = f"{variable}={container.port(key)}"
+            done = await podman(["exec", "--env", port, container.name, *check], timeout=60)
+            assert done.returncode == 0, f"{container.name}: {done.stdout}{done.stderr}"
+            nothing = f"{variable}=1"
+            done = await podman(["exec", "--env", nothing, container.name, *check], timeout=60)
+            assert done.returncode != 0, f"{container.name}: healthy with nothing listening"
 
         # The kubelet's SIGTERM reaches PID 1 of the image and the edge drains and exits.
         started = time.monotonic()

@@ -4,7 +4,8 @@ Every container is probed, bounded and unprivileged; the shard list handed
 to edges is exactly the channel StatefulSet's pods; every Service, policy,
 budget and autoscaler points at pods that exist; ports agree between
 Services, probes, containers, annotations and the WADDLE_* settings; pods
-get more time to stop than the drain takes.
+get more time to stop than the drain takes; credentials reach containers as
+files from Secrets that exist, never as environment variables.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from tests.k8s.chart import (
     pod_spec,
     render,
     render_set,
+    secret_files,
+    volume_secrets,
 )
 from waddle_common.routing import owner_of
 from waddle_common.settings import Settings
@@ -248,6 +251,7 @@ def test_every_waddle_setting_is_one_the_services_read(
             names += [
                 e["name"] for e in container.get("env", []) if e["name"].startswith("WADDLE_")
             ]
+            names += list(secret_files(workload, container))
     unknown = sorted(set(names) - known)
     assert not unknown, f"settings no service reads: {unknown}"
     # And the values parse the way the services read them: from the environment.
@@ -277,9 +281,37 @@ def test_env_references_resolve(value_set: str) -> None:
                 secret = rendered.find("Secret", ref["name"])
                 assert secret is not None, f"{name_of(workload)}: missing Secret {ref['name']}"
                 assert ref["key"] in secret["data"], f"Secret {ref['name']} has no {ref['key']}"
+        for name, key in volume_secrets(workload):
+            if name in external:
+                continue
+            secret = rendered.find("Secret", name)
+            assert secret is not None, f"{name_of(workload)}: volume of missing Secret {name}"
+            assert key is None or key in secret["data"], f"Secret {name} has no {key}"
         account = spec.get("serviceAccountName")
         if account and values["serviceAccount"]["create"]:
             assert rendered.find("ServiceAccount", account), f"missing ServiceAccount {account}"
+
+
+@pytest.mark.parametrize("value_set", SETS)
+def test_credentials_are_files_never_environment_variables(value_set: str) -> None:
+    rendered = render_set(value_set)
+    for workload in rendered.workloads():
+        for container in containers(workload, init=True):
+            refs = [
+                e["name"]
+                for e in container.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})
+            ]
+            assert refs == [], f"{name_of(workload)}/{container['name']}: secrets as env {refs}"
+            for source in container.get("envFrom", []):
+                assert "secretRef" not in source, f"{name_of(workload)}/{container['name']}"
+    edge = rendered.get("Deployment", f"{FULL}-edge")
+    assert set(secret_files(edge, containers(edge)[0])) == {"WADDLE_JWT_SECRET"}
+    store = rendered.get("Deployment", f"{FULL}-store")
+    for container in containers(store, init=True):
+        assert set(secret_files(store, container)) == {"WADDLE_DATABASE_URL"}
+    channel = rendered.get("StatefulSet", f"{FULL}-channel")
+    assert secret_files(channel, containers(channel)[0]) == {}, "the channel needs no credential"
 
 
 @pytest.mark.parametrize("value_set", SETS)

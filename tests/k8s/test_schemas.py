@@ -17,7 +17,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 from packaging.version import Version
 
-from tests.k8s.chart import KUBE_VERSION, VALUE_FILES, name_of, render, render_set
+from tests.k8s.chart import COMBINATIONS, KUBE_VERSION, VALUE_FILES, name_of, render, render_set
 
 SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -32,6 +32,7 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
             "required": ["name"],
             "properties": {
                 "name": {"type": "string"},
+                "namespace": {"type": "string"},
                 "labels": {"type": "object", "additionalProperties": {"type": "string"}},
             },
         },
@@ -115,18 +116,9 @@ def test_every_object_validates_strictly(value_set: str) -> None:
         validate(obj)
 
 
-@pytest.mark.parametrize(
-    "values",
-    [
-        {"postgresql": {"enabled": False}, "database": {"url": "postgresql://u:p@db/w"}},
-        {"edge": {"ingress": {"enabled": True}}, "networkPolicy": {"enabled": False}},
-        {"monitoring": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
-        {"channel": {"replicas": 7}, "imagePullSecrets": [{"name": "regcred"}]},
-    ],
-    ids=["inline-database-url", "ingress-no-policies", "everything-on", "many-shards"],
-)
-def test_other_combinations_validate_strictly(values: dict[str, Any]) -> None:
-    for obj in render(values).everything:
+@pytest.mark.parametrize("combination", list(COMBINATIONS))
+def test_other_combinations_validate_strictly(combination: str) -> None:
+    for obj in render(COMBINATIONS[combination]).everything:
         validate(obj)
 
 

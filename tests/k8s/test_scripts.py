@@ -5,7 +5,8 @@ docker and curl are replaced by one stub that records its arguments and
 answers the few queries the scripts make. The recorded commands are then
 checked: cluster creation only when absent, build, load into the cluster,
 ``helm upgrade --install`` with the built tag, rollout waits, port-forwards,
-and the matching teardown.
+and the matching teardown. ``make image`` and the scripts pick docker only
+when a Docker engine answers (``docker info``), podman otherwise.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ case "$tool $*" in
     "minikube start"*) touch "$STUB_STATE/cluster" ;;
     "minikube delete"*) rm -f "$STUB_STATE/cluster" ;;
     "docker image inspect"* | "podman image inspect"*) echo "$STUB_IMAGE_ID" ;;
+    "docker info"*)
+        [[ -e $STUB_STATE/docker-engine ]] && exit 0
+        echo "Cannot connect to the Docker daemon" >&2; exit 1 ;;
     *" get deployment --selector"*) printf 'waddle-edge' ;;
     *" get service/waddle-edge"*) printf '80' ;;
     *" get deployment/waddle-grafana"*) exit 0 ;;
@@ -226,3 +230,49 @@ def test_unknown_flavour_is_refused(sandbox: Sandbox) -> None:
     assert result.returncode == 2
     assert "K8S must be kind or minikube" in result.stderr
     assert sandbox.commands() == []
+
+
+def make_image(sandbox: Sandbox) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in sandbox.env.items() if k != "CONTAINER_TOOL"}
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), "image"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_image_falls_back_to_podman_when_no_docker_engine_answers(sandbox: Sandbox) -> None:
+    # The docker CLI exists (the stub) but its engine does not answer.
+    result = make_image(sandbox)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ran = sandbox.commands()
+    assert "building with podman" in result.stdout
+    build = index_of(ran, "podman build --format docker")
+    assert index_of(ran, "docker info") < build
+    assert not any(c.startswith("docker build") for c in ran)
+
+    (sandbox.state / "docker-engine").touch()
+    sandbox.log.unlink()
+    result = make_image(sandbox)
+    assert result.returncode == 0, result.stdout + result.stderr
+    index_of(sandbox.commands(), "docker build --build-arg BASE_IMAGE=")
+
+
+def test_scripts_fall_back_to_podman_when_no_docker_engine_answers(sandbox: Sandbox) -> None:
+    env = {k: v for k, v in sandbox.env.items() if k != "CONTAINER_TOOL"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "k8s" / "up.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ran = sandbox.commands()
+    index_of(ran, "podman build --build-arg BASE_IMAGE=")
+    assert not any(c.startswith("docker build") for c in ran)

@@ -30,6 +30,16 @@ API
     A pytest fixture (async, function scope) yielding a fresh schema URL via
     ``postgres_schema()``. Import it into a ``conftest.py`` or test module
     (``from tests.support.postgres import postgres_url``) to use it.
+``discover(host="127.0.0.1", port=5432) -> str | None``
+    The URL of a server on ``host:port`` the tests can use (user
+    ``postgres`` or the current user, database ``test`` or ``postgres``,
+    with the right to create schemas), or None. ``python -m
+    tests.support.postgres --discover`` prints it: ``make test`` sets
+    ``WADDLE_TEST_POSTGRES_URL`` from it when that is not set already.
+
+Loaded as a pytest plugin (``pytest -p tests.support.postgres``, as ``make
+test`` does), it ends the run with a loud note of how many PostgreSQL tests
+were skipped and how to run them.
 
 Example::
 
@@ -40,8 +50,12 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import getpass
 import os
+import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -54,6 +68,8 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 ENV_VAR = "WADDLE_TEST_POSTGRES_URL"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5432
 CONNECT_TIMEOUT_S = 5
 # Dropping waits for locks held by connections a test leaked; bound it.
 DROP_LOCK_TIMEOUT = "10s"
@@ -149,3 +165,73 @@ async def postgres_url() -> AsyncIterator[str]:
     """A fresh, empty schema on the test server (skipped, or failed in CI, without one)."""
     async with postgres_schema() as url:
         yield url
+
+
+def discover(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str | None:
+    """A URL of a usable server on ``host:port`` (see the module's docstring), or None."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return None
+    for user in dict.fromkeys(["postgres", getpass.getuser()]):
+        for database in ("test", "postgres"):
+            url = f"postgresql+psycopg://{user}@{host}:{port}/{database}"
+            try:
+                with psycopg.connect(
+                    _libpq_conninfo(url), autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+                ) as conn:
+                    row = conn.execute(
+                        "SELECT has_database_privilege(current_database(), 'CREATE')"
+                    ).fetchone()
+            except psycopg.Error:
+                continue
+            if row is not None and row[0] is True:
+                return url
+    return None
+
+
+def skipped_for_postgres(reports: list[pytest.TestReport]) -> list[str]:
+    """Node IDs of the tests skipped because no PostgreSQL server was configured or reachable."""
+    found: dict[str, None] = {}
+    for report in reports:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        if ENV_VAR in reason:
+            found[report.nodeid] = None
+    return list(found)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = skipped_for_postgres(terminalreporter.stats.get("skipped", []))
+    if not skipped:
+        return
+    terminalreporter.section("PostgreSQL tests skipped", sep="!", yellow=True, bold=True)
+    for line in (
+        f"SKIPPED {len(skipped)} PostgreSQL tests: no server at {ENV_VAR}.",
+        f"To run them, start PostgreSQL on {DEFAULT_HOST}:{DEFAULT_PORT} (user postgres;",
+        "PGPASSWORD if it needs one) and `make test` finds it, or set",
+        f"  {ENV_VAR}=postgresql+psycopg://USER[:PASSWORD]@HOST:5432/DB",
+        "to a database the tests may create (and drop) schemas in.",
+    ):
+        terminalreporter.write_line(line, yellow=True, bold=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument(
+        "--discover",
+        action="store_true",
+        help=f"print the URL of a usable server on {DEFAULT_HOST}:{DEFAULT_PORT}, if any",
+    )
+    args = parser.parse_args(argv)
+    if args.discover:
+        url = discover()
+        if url:
+            print(url)
+        return 0
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
