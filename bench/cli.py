@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from bench.driver import LoadError, Progress
 from bench.scenarios import Config, Context
 from waddle_common.supervise import ServiceFailed
 
-SCENARIOS = ("fanout", "throughput", "many-channels", "connect", "idle", "replay")
+SCENARIOS = ("fanout", "throughput", "many-channels", "connect", "idle", "replay", "hibernation")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-total", type=int, default=None)
     p.add_argument("--idle-seconds", type=float, default=None)
     p.add_argument("--replay-messages", type=int, default=None)
+    p.add_argument("--hib-channels", type=int, default=None, help="hibernation: channels of 2")
+    p.add_argument("--hib-messages", type=int, default=None, help="hibernation: per channel")
+    p.add_argument("--hib-rate", type=float, default=None, help="hibernation: fill msg/s")
+    p.add_argument(
+        "--hib-idle", type=float, default=None, help="hibernation: WADDLE_CHANNEL_IDLE_SECONDS"
+    )
+    p.add_argument("--hib-wake-channels", type=int, default=None)
+    p.add_argument("--hib-runs", type=int, default=None, help="hibernation: repetitions")
     p.add_argument(
         "--workers", type=int, default=None, help="load-generator processes (receivers split)"
     )
@@ -125,6 +133,13 @@ def make_config(args: argparse.Namespace) -> Config:
             idle_seconds=1.0,
             replay_messages=100,
             replay_rounds=1,
+            hib_channels=20,
+            hib_messages=3,
+            hib_rate=60.0,
+            hib_idle=1.0,
+            hib_wake_channels=10,
+            hib_wake_rate=20.0,
+            hib_runs=1,
             drain=3.0,
             connect_timeout=30.0,
         )
@@ -143,6 +158,12 @@ def make_config(args: argparse.Namespace) -> Config:
         "connect_total": args.connect_total,
         "idle_seconds": args.idle_seconds,
         "replay_messages": args.replay_messages,
+        "hib_channels": args.hib_channels,
+        "hib_messages": args.hib_messages,
+        "hib_rate": args.hib_rate,
+        "hib_idle": args.hib_idle,
+        "hib_wake_channels": args.hib_wake_channels,
+        "hib_runs": args.hib_runs,
         "workers": args.workers,
         "connect_timeout": args.connect_timeout,
     }
@@ -233,7 +254,22 @@ def _groups(selected: list[str], cfg: Config) -> list[tuple[str, Group]]:
         out.append(("throughput", scenarios.throughput))
     if "replay" in selected:
         out.append(("replay", scenarios.replay))
+    if "hibernation" in selected:
+        out.append(("hibernation", _no_shared_system))
     return out
+
+
+async def _no_shared_system(system: systems.System, ctx: Context) -> dict[str, Any]:
+    raise AssertionError("the hibernation scenario starts its own systems")
+
+
+def _launcher(name: str, tmp: Path, database_url: str | None) -> scenarios.Launcher:
+    def launch(
+        env: Mapping[str, str] | None, label: str
+    ) -> contextlib.AbstractAsyncContextManager[systems.System]:
+        return systems.launch(name, tmp / label, database_url, env)
+
+    return launch
 
 
 def _say(ctx: Context, result: dict[str, Any]) -> None:
@@ -284,7 +320,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     progress.show("starting", force=True)
                     t0 = time.monotonic()
                     try:
-                        if shared_system is not None and shared_system.alive():
+                        if scenario == "hibernation":
+                            per[scenario] = await scenarios.hibernation(
+                                name,
+                                Context(cfg, progress, tmp / "load"),
+                                _launcher(name, tmp / f"{name}-{scenario}", args.database_url),
+                            )
+                        elif shared_system is not None and shared_system.alive():
                             ctx = Context(cfg, progress, tmp / "load")
                             per[scenario] = await fn(shared_system, ctx)
                         else:

@@ -157,18 +157,21 @@ class Load:
         drain: float,
         expected_by_worker: list[int],
         label: str = "running",
+        senders: tuple[int, int] | None = None,
     ) -> tuple[dict[str, Any], IntArray, IntArray]:
-        """One measured window across every worker; returns (summary, idx, latency_ns)."""
+        """One measured window across every worker; returns (summary, idx, latency_ns).
+        ``senders`` (first, count): publish through those senders only."""
         for w, expected in zip(self.workers, expected_by_worker, strict=True):
-            w.send(
-                {
-                    "cmd": "run",
-                    "rate": rate,
-                    "duration": duration,
-                    "drain": drain,
-                    "expected": expected,
-                }
-            )
+            cmd: dict[str, Any] = {
+                "cmd": "run",
+                "rate": rate,
+                "duration": duration,
+                "drain": drain,
+                "expected": expected,
+            }
+            if senders is not None:
+                cmd["senders"] = list(senders)
+            w.send(cmd)
         events = await self._all("result", duration + drain + 60, label)
         idx_parts, lat_parts = [], []
         for e in events:

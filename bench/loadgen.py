@@ -6,7 +6,8 @@ stdin and answers each with one JSON event line:
 
 * ``{"cmd": "run", "rate": R, "duration": D, "drain": T}``: the senders (only
   in the worker that has them) publish ``R`` messages per second for ``D``
-  seconds, round-robin over their sockets; every recording receiver notes
+  seconds, round-robin over their sockets (``"senders": [first, count]``:
+  over those senders only); every recording receiver notes
   the index and arrival time (``time.time_ns()``) of each benchmark message.
   Once the send window is over the worker waits until every expected
   delivery arrived, or deliveries stop for a second, or ``T`` seconds pass,
@@ -242,7 +243,14 @@ class Worker:
         await asyncio.gather(*(one(*job) for job in jobs))
         self.connect_elapsed = time.perf_counter() - started
 
-    async def run(self, rate: float, duration: float, drain: float, expected: int) -> None:
+    async def run(
+        self,
+        rate: float,
+        duration: float,
+        drain: float,
+        expected: int,
+        senders_slice: tuple[int, int] | None = None,
+    ) -> None:
         """One measured window; ``expected`` is deliveries per message in this worker."""
         self.recorder.reset()
         self.counter[0] = 0
@@ -250,6 +258,9 @@ class Worker:
         first = self.next_index
         content_size: int = self.spec.get("content_size", 200)
         senders = self.senders
+        if senders_slice is not None:
+            start, count = senders_slice
+            senders = senders[start : start + count]
         total = int(rate * duration) if senders else 0
         enc = self.adapter.encode_message
         loop_started = time.perf_counter()
@@ -381,11 +392,13 @@ class Worker:
                 break
             cmd = orjson.loads(line)
             if cmd["cmd"] == "run":
+                picked = cmd.get("senders")
                 await self.run(
                     float(cmd["rate"]),
                     float(cmd["duration"]),
                     float(cmd.get("drain", 5)),
                     int(cmd.get("expected", 1)),
+                    (int(picked[0]), int(picked[1])) if picked else None,
                 )
             elif cmd["cmd"] == "replay":
                 await self.replay(int(cmd["messages"]), int(cmd.get("rounds", 3)))

@@ -305,6 +305,147 @@ def replay_table(results: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def _spread(d: Any, digits: int = 1) -> str:
+    """``median (min-max)`` of a summary entry, or ``-``."""
+    if not isinstance(d, dict):
+        return "-"
+    if d["min"] == d["max"]:
+        return _f(d["median"], digits)
+    return f"{_f(d['median'], digits)} ({_f(d['min'], digits)} to {_f(d['max'], digits)})"
+
+
+def hibernation_tables(results: dict[str, Any]) -> list[str]:
+    """The hibernation scenario: memory, wake, restart, and idle cost side by side."""
+    cfg = results["config"]
+    systems = results["systems"]
+    w = (systems.get("waddle") or {}).get("hibernation") or {}
+    summ = w.get("summary") or {}
+    parts: list[str] = []
+    modes = [("on", f"on ({_f(cfg['hib_idle'])} s)"), ("off", "off (0)")]
+    if summ:
+        runs = summ.get("on", summ.get("off", {})).get("runs", 0)
+        parts.append(
+            f"Median of {runs} run(s), (min to max) when they differ. {cfg['hib_channels']} "
+            f"channels x 2 members (one identity per connection), {cfg['hib_messages']} "
+            f"messages per channel at {_f(cfg['hib_rate'])} msg/s, then idle for "
+            f"{_f(3 * cfg['hib_idle'])} s (CPU over the last {_f(cfg['hib_idle'])} s)."
+        )
+        rows = []
+        for mode, label in modes:
+            m = summ.get(mode)
+            if not m:
+                continue
+            rows.append(
+                [
+                    label,
+                    _spread(m["channel_loaded_mb"]),
+                    _spread(m["channel_idle_mb"]),
+                    _spread(m["channel_above_baseline_mb"]),
+                    _spread(m["asleep"], 0),
+                    _spread(m["socket_rss_per_connection_kb"]),
+                    _spread(m["idle_cpu_max_percent"], 2),
+                ]
+            )
+        parts.append(
+            _table(
+                [
+                    "hibernation",
+                    "channel RSS after traffic MB",
+                    "after idle MB",
+                    "above empty baseline MB",
+                    "channels asleep",
+                    "edge RSS KB / connection",
+                    "CPU while idle, busiest process %",
+                ],
+                rows,
+            )
+        )
+        saving = summ.get("channel_rss_saving_percent")
+        if saving:
+            parts.append(
+                f"Channel-service RSS above its empty baseline, hibernation on vs off: "
+                f"**{_spread(saving)} % less**."
+            )
+        on = summ.get("on") or {}
+        if on.get("wake_p99_ms"):
+            parts.append(
+                _table(
+                    [
+                        f"first message into {cfg['hib_wake_channels']} channels",
+                        "p50 ms",
+                        "p99 ms",
+                    ],
+                    [
+                        [
+                            "asleep (wakes them)",
+                            _spread(on["wake_p50_ms"]),
+                            _spread(on["wake_p99_ms"]),
+                        ],
+                        [
+                            "the same channels, awake",
+                            _spread(on["awake_p50_ms"]),
+                            _spread(on["awake_p99_ms"]),
+                        ],
+                        ["added by waking, at p99", "", _spread(on["wake_added_p99_ms"])],
+                    ],
+                )
+            )
+        rows = []
+        for mode, label in modes:
+            m = summ.get(mode)
+            if m and m.get("restart_registered_s"):
+                rows.append(
+                    [
+                        label,
+                        _spread(m["restart_registered_s"], 2),
+                        _spread(m["restart_full_loads"], 0),
+                        _spread(m["restart_head_checks"], 0),
+                    ]
+                )
+        if rows:
+            parts.append(
+                _table(
+                    [
+                        f"shard restart, {2 * cfg['hib_channels']} connections re-registered",
+                        "until all registered s",
+                        "full channel loads",
+                        "head reads (no messages)",
+                    ],
+                    rows,
+                )
+            )
+    # Idle cost side by side.
+    rows = []
+    for name, per in systems.items():
+        h = (per.get("hibernation") or {}).get("summary") or {}
+        for mode, label in modes if name == "waddle" else [("-", "")]:
+            m = h.get(mode)
+            if not m:
+                continue
+            above = m["channel_above_baseline_mb"] if name == "waddle" else None
+            rows.append(
+                [
+                    _label(name) + (f", hibernation {label}" if label else ""),
+                    _spread(m["socket_rss_per_connection_kb"]),
+                    _spread(above),
+                    _spread(m["idle_cpu_max_percent"], 2),
+                ]
+            )
+    if rows:
+        parts.append(
+            _table(
+                [
+                    f"idle cost, {2 * cfg['hib_channels']} connections after the traffic",
+                    "socket process RSS KB / connection",
+                    "channel service above empty MB",
+                    "CPU while idle, busiest process %",
+                ],
+                rows,
+            )
+        )
+    return parts
+
+
 def targets(results: dict[str, Any]) -> str:
     w = results["systems"].get("waddle")
     if not w:
@@ -361,6 +502,28 @@ def targets(results: dict[str, Any]) -> str:
         ratio,
         None if ratio is None else ratio <= 1.5,
     )
+    hib = ((w.get("hibernation") or {}).get("summary")) or {}
+    saving = (hib.get("channel_rss_saving_percent") or {}).get("median")
+    add(
+        "hibernation: channel-service RSS above empty, on vs off (% less)",
+        "≥ 90",
+        saving,
+        None if saving is None else saving >= 90,
+    )
+    cpu_on = ((hib.get("on") or {}).get("idle_cpu_max_percent") or {}).get("median")
+    add(
+        "hibernation: CPU of every process while idle (%)",
+        "≤ 1",
+        cpu_on,
+        None if cpu_on is None else cpu_on <= 1,
+    )
+    added = ((hib.get("on") or {}).get("wake_added_p99_ms") or {}).get("median")
+    add(
+        "hibernation: waking adds at p99 (ms)",
+        "≤ 50",
+        added,
+        None if added is None else added <= 50,
+    )
     return _table(["target", "wanted", "measured", "verdict"], rows)
 
 
@@ -408,6 +571,8 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     if any("replay" in p for p in results["systems"].values()):
         parts += ["### Replay — `sync` after missed messages", replay_table(results)]
+    if any("hibernation" in p for p in results["systems"].values()):
+        parts += ["### Hibernation", *hibernation_tables(results)]
     prof = results.get("profile")
     if prof:
         parts.append("### Profile (py-spy, throughput scenario)")
@@ -552,4 +717,31 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
             a.tick_params(axis="x", labelsize=7, rotation=15)
             a.grid(True, axis="y", alpha=0.3)
         _save(fig, out / "connect_idle.png", written)
+
+    # Hibernation: channel-service RSS over the idle period, on and off.
+    runs = ((systems.get("waddle") or {}).get("hibernation") or {}).get("runs") or []
+    if runs:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        drew = False
+        for mode, style in (("on", "-"), ("off", "--")):
+            one = runs[0].get(mode) or {}
+            timeline = one.get("rss_timeline_mb") or []
+            if not timeline:
+                continue
+            base = one["baseline_rss_mb"]["channel"]
+            ax.plot(
+                [p["t"] for p in timeline],
+                [p["channel"] - base for p in timeline],
+                ls=style,
+                label=f"hibernation {mode}",
+            )
+            drew = True
+        if drew:
+            ax.axvline(results["config"]["hib_idle"], color="grey", ls=":", label="idle period")
+            ax.set_xlabel("seconds since the last message")
+            ax.set_ylabel("channel service RSS above empty (MB)")
+            ax.set_title("Hibernation: what an idle shard keeps")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        _save(fig, out / "hibernation.png" if drew else None, written)
     return written

@@ -9,19 +9,32 @@ could not take the load, e.g. could not accept the connections in time).
 * ``connect`` (+ ``idle``): open many connections, then hold them idle and
   sample RSS and CPU of every server process.
 * ``replay``: Waddle only, ``sync`` after M missed messages.
+* ``hibernation``: C channels of two members (one identity per connection),
+  M messages per channel, then idle for three idle periods: RSS of every
+  process against its empty baseline, and CPU while idle. Waddle runs twice,
+  hibernation on (``WADDLE_CHANNEL_IDLE_SECONDS``) and off (``0``); then it
+  times the first message into W sleeping channels and into the same
+  channels awake, and restarts the channel shard to count the store calls
+  that re-registering every connection costs. The peers run the same
+  traffic and idle period. Repeated ``hib_runs`` times.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import statistics
+import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import procstat
 from bench.driver import Load, Progress, split_groups, start_load
@@ -61,6 +74,13 @@ class Config:
     profile_seconds: float = 0.0  # > 0: py-spy the server during one throughput step
     profile_rate: float = 200.0  # publishes per second of that step (0: the best passing rate)
     profile_dir: Path | None = None
+    hib_channels: int = 5000
+    hib_messages: int = 20
+    hib_rate: float = 2500.0  # publishes per second while the channels fill
+    hib_idle: float = 10.0  # WADDLE_CHANNEL_IDLE_SECONDS with hibernation on
+    hib_wake_channels: int = 500
+    hib_wake_rate: float = 100.0  # first messages per second into sleeping channels
+    hib_runs: int = 3
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -432,3 +452,273 @@ async def replay(system: System, ctx: Context) -> dict[str, Any]:
             else 0.0
         ),
     }
+
+
+# -- hibernation -----------------------------------------------------------------------
+
+Launcher = Callable[[Mapping[str, str] | None, str], contextlib.AbstractAsyncContextManager[System]]
+
+
+async def scrape(url: str) -> dict[str, float]:
+    """A Prometheus endpoint's samples by name (labels joined in: ``name{k=v}``)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r,
+    ):
+        text = await r.text()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def _channel_metrics_url(system: System) -> str:
+    return f"http://127.0.0.1:{system.service('channel').port('metrics_port')}/metrics"
+
+
+def _histogram_ms(samples: Mapping[str, float], name: str) -> dict[str, float] | None:
+    """p50/p99 (ms, bucket upper bounds) and count of a scraped histogram."""
+    buckets: list[tuple[float, float]] = []
+    for key, value in samples.items():
+        if key.startswith(name + "_bucket{"):
+            bound = key.split("le=", 1)[1].rstrip("}")
+            buckets.append((math.inf if bound == "+Inf" else float(bound), value))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    out: dict[str, float] = {"count": total}
+    for q in (0.5, 0.99):
+        out[f"p{int(q * 100)}_ms"] = next(u for u, c in buckets if c >= q * total) * 1000
+    return out
+
+
+def _mb(value: int) -> float:
+    return round(value / 2**20, 1)
+
+
+async def _wait_metric(
+    system: System, name: str, want: float, timeout: float
+) -> tuple[float, dict[str, float]]:
+    """Seconds until the channel service reports ``name`` = ``want`` (or NaN)."""
+    started = time.monotonic()
+    samples: dict[str, float] = {}
+    while time.monotonic() - started < timeout:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+            samples = await scrape(_channel_metrics_url(system))
+            if samples.get(name) == want:
+                return time.monotonic() - started, samples
+        await asyncio.sleep(0.1)
+    return math.nan, samples
+
+
+async def _latency_window(
+    load: Load, label: str, *, senders: tuple[int, int], rate: float, drain: float
+) -> dict[str, Any]:
+    summary, idx, lat = await load.run(
+        rate=rate,
+        duration=senders[1] / rate,
+        drain=drain,
+        expected_by_worker=[1] + [0] * (len(load.workers) - 1),
+        label=label,
+        senders=senders,
+    )
+    return {
+        "sent": int(summary["sent"]),
+        "delivered": int(idx.size),
+        "latency": summarize_ns(lat).as_dict(),
+    }
+
+
+async def _hibernation_run(
+    system: System, ctx: Context, idle: float | None, tag: str
+) -> dict[str, Any]:
+    """One system (one mode): fill, idle, and for Waddle wake and restart."""
+    cfg = ctx.config
+    n = cfg.hib_channels
+    await asyncio.sleep(1.0)
+    pids = system.pids()
+    baseline = {role: procstat.rss_bytes(pid) for role, pid in pids.items()}
+    groups = [{"channel": f"hib-{tag}-{i}", "receivers": 1, "sender": True} for i in range(n)]
+    spec = _spec(system, cfg, groups, cfg.connect_concurrency)
+    out: dict[str, Any] = {"idle_setting_s": idle, "baseline_rss_mb": {}}
+    out["baseline_rss_mb"] = {k: _mb(v) for k, v in baseline.items()}
+    async with start_load(
+        spec, workers=cfg.workers, work_dir=ctx.work_dir, progress=ctx.progress
+    ) as load:
+        c = await load.wait_connected(cfg.connect_timeout + 30)
+        out["connect"] = _connect_summary(c)
+        if c["connected"] < 2 * n:
+            out["error"] = f"connected {c['connected']} of {2 * n}: {c['first_error']}"
+            return out
+        total = n * cfg.hib_messages
+        ctx.progress.show(f"hibernation: {total} messages into {n} channels", force=True)
+        summary, idx, _ = await load.run(
+            rate=cfg.hib_rate,
+            duration=total / cfg.hib_rate,
+            drain=cfg.drain,
+            expected_by_worker=[1] + [0] * (len(load.workers) - 1),
+            label=f"filling {n} channels",
+        )
+        out["fill"] = {"sent": int(summary["sent"]), "delivered": int(idx.size)}
+        loaded = {role: procstat.rss_bytes(pid) for role, pid in pids.items()}
+        out["loaded_rss_mb"] = {k: _mb(v) for k, v in loaded.items()}
+        # Idle for three idle periods (the same time with hibernation off);
+        # CPU over the last period, once everything that hibernates has.
+        period = cfg.hib_idle
+        ctx.progress.show(f"hibernation: idle {3 * period:.0f} s", force=True)
+        timeline: list[dict[str, float]] = []
+        started = time.monotonic()
+        cpu = procstat.CpuWindow({**pids, **{f"loadgen{i}": p for i, p in enumerate(load.pids())}})
+        cpu_started = False
+        while (elapsed := time.monotonic() - started) < 3 * period:
+            if not cpu_started and elapsed >= 2 * period:
+                cpu.start()
+                cpu_started = True
+            timeline.append(
+                {"t": round(elapsed, 1)}
+                | {role: _mb(procstat.rss_bytes(pid)) for role, pid in pids.items()}
+            )
+            await asyncio.sleep(min(1.0, 3 * period - elapsed))
+        out["idle_cpu_percent"] = cpu.stop()
+        out["rss_timeline_mb"] = timeline
+        rested = {role: procstat.rss_bytes(pid) for role, pid in pids.items()}
+        out["idle_rss_mb"] = {k: _mb(v) for k, v in rested.items()}
+        out["above_baseline_mb"] = {k: _mb(rested[k] - baseline[k]) for k in rested}
+        socket_role = "edge" if system.name == "waddle" else "server"
+        out["socket_rss_per_connection_kb"] = round(
+            (rested[socket_role] - baseline[socket_role]) / (2 * n) / 1024, 2
+        )
+        if system.name != "waddle":
+            return out
+        samples = await scrape(_channel_metrics_url(system))
+        out["asleep"] = samples.get("waddle_channel_hibernated_channels", 0.0)
+        out["awake"] = samples.get("waddle_channel_active_channels", 0.0)
+        # The first message into sleeping channels, then into the same channels awake.
+        w = min(cfg.hib_wake_channels, n)
+        ctx.progress.show(f"hibernation: first message into {w} channels", force=True)
+        out["wake"] = await _latency_window(
+            load, "waking", senders=(0, w), rate=cfg.hib_wake_rate, drain=cfg.drain
+        )
+        out["awake_again"] = await _latency_window(
+            load, "awake", senders=(0, w), rate=cfg.hib_wake_rate, drain=cfg.drain
+        )
+        after = await scrape(_channel_metrics_url(system))
+        out["wake_seconds"] = _histogram_ms(after, "waddle_channel_wake_seconds")
+        out["wakes"] = after.get("waddle_channel_wakes_total{reason=event}", 0.0)
+        # A shard restart: every connection is re-registered by the edge.
+        ctx.progress.show("hibernation: restarting the channel shard", force=True)
+        t0 = time.monotonic()
+        await system.restart("channel", "grpc_port", "WADDLE_CHANNEL_PORT")
+        took, samples = await _wait_metric(system, "waddle_channel_members", float(2 * n), 180)
+        # Head checks (hibernation on) run in the background: let them finish.
+        if idle:
+            await _wait_metric(system, "waddle_channel_loads_total{kind=head}", float(n), 60)
+            samples = await scrape(_channel_metrics_url(system))
+        out["restart"] = {
+            "restart_to_registered_s": round(time.monotonic() - t0, 2) if took == took else None,
+            "registered_s": round(took, 2) if took == took else None,
+            "full_loads": samples.get("waddle_channel_loads_total{kind=full}"),
+            "head_checks": samples.get("waddle_channel_loads_total{kind=head}"),
+            "awake_after": samples.get("waddle_channel_active_channels"),
+            "asleep_after": samples.get("waddle_channel_hibernated_channels"),
+            "channel_rss_mb": _mb(procstat.rss_bytes(system.service("channel").pid)),
+        }
+        return out
+
+
+def _median(values: list[float]) -> dict[str, float] | None:
+    vals = [v for v in values if v is not None and v == v]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
+def _dig(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def hibernation_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and min-max over the runs of what the report shows."""
+    out: dict[str, Any] = {}
+    modes = sorted({m for r in runs for m in r})
+    for mode in modes:
+        per = [r[mode] for r in runs if mode in r and "error" not in r[mode]]
+
+        def med(*path: str, rows: list[dict[str, Any]] = per) -> dict[str, float] | None:
+            return _median([_dig(p, *path) for p in rows])
+
+        cpu_max = [
+            max(
+                (
+                    v
+                    for k, v in p.get("idle_cpu_percent", {}).items()
+                    if not k.startswith("loadgen")
+                ),
+                default=math.nan,
+            )
+            for p in per
+        ]
+        out[mode] = {
+            "runs": len(per),
+            "channel_above_baseline_mb": med("above_baseline_mb", "channel"),
+            "server_above_baseline_mb": med("above_baseline_mb", "server"),
+            "channel_loaded_mb": med("loaded_rss_mb", "channel"),
+            "channel_idle_mb": med("idle_rss_mb", "channel"),
+            "socket_rss_per_connection_kb": med("socket_rss_per_connection_kb"),
+            "idle_cpu_max_percent": _median(cpu_max),
+            "asleep": med("asleep"),
+            "wake_p50_ms": med("wake", "latency", "p50_ms"),
+            "wake_p99_ms": med("wake", "latency", "p99_ms"),
+            "awake_p50_ms": med("awake_again", "latency", "p50_ms"),
+            "awake_p99_ms": med("awake_again", "latency", "p99_ms"),
+            "wake_added_p99_ms": _median(
+                [
+                    _dig(p, "wake", "latency", "p99_ms")
+                    - _dig(p, "awake_again", "latency", "p99_ms")
+                    for p in per
+                    if _dig(p, "wake", "latency", "p99_ms") is not None
+                    and _dig(p, "awake_again", "latency", "p99_ms") is not None
+                ]
+            ),
+            "restart_registered_s": med("restart", "registered_s"),
+            "restart_full_loads": med("restart", "full_loads"),
+            "restart_head_checks": med("restart", "head_checks"),
+        }
+    on, off = out.get("on"), out.get("off")
+    if on and off:
+        savings = []
+        for r in runs:
+            a = _dig(r, "on", "above_baseline_mb", "channel")
+            b = _dig(r, "off", "above_baseline_mb", "channel")
+            if a is not None and b:
+                savings.append(100.0 * (1 - a / b))
+        out["channel_rss_saving_percent"] = _median(savings)
+    return out
+
+
+async def hibernation(name: str, ctx: Context, launch: Launcher) -> dict[str, Any]:
+    """``hib_runs`` runs; Waddle with hibernation on and off in each run."""
+    cfg = ctx.config
+    modes: list[tuple[str, float | None]] = (
+        [("on", cfg.hib_idle), ("off", 0.0)] if name == "waddle" else [("-", None)]
+    )
+    runs: list[dict[str, Any]] = []
+    for r in range(cfg.hib_runs):
+        one: dict[str, Any] = {}
+        for mode, idle in modes:
+            ctx.progress.prefix = f"{name} hibernation {mode} run {r + 1}/{cfg.hib_runs}"
+            env = None if idle is None else {"WADDLE_CHANNEL_IDLE_SECONDS": str(idle)}
+            async with launch(env, f"{mode}-{r}") as system:
+                one[mode] = await _hibernation_run(
+                    system, ctx, idle, f"{uuid.uuid4().hex[:6]}-{mode}"
+                )
+                one[mode]["server_alive"] = system.alive()
+        runs.append(one)
+    return {"runs": runs, "summary": hibernation_summary(runs)}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +83,19 @@ class System:
     def alive(self) -> bool:
         return all(s.proc.returncode is None for s in self.services)
 
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    async def restart(self, name: str, port_key: str, port_var: str, *, kill: bool = True) -> None:
+        """Stop one service (SIGKILL, or SIGTERM) and start it again on the same port."""
+        old = self.service(name)
+        port = old.port(port_key)
+        await (old.kill() if kill else old.stop())
+        new = await start_service(
+            name, old.module, {**old.env, port_var: str(port)}, log_path=old.log_path
+        )
+        self.services[self.services.index(old)] = new
+
     async def stop(self) -> None:
         for s in reversed(self.services):
             with contextlib.suppress(Exception):
@@ -130,7 +143,9 @@ def drop_schema(url: str, schema: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def waddle(tmp: Path, database_url: str | None) -> AsyncIterator[System]:
+async def waddle(
+    tmp: Path, database_url: str | None, env: Mapping[str, str] | None = None
+) -> AsyncIterator[System]:
     schema = ""
     if database_url:
         schema, url = create_schema(database_url)
@@ -140,7 +155,7 @@ async def waddle(tmp: Path, database_url: str | None) -> AsyncIterator[System]:
         kind = "sqlite"
     system = System("waddle", "waddle", "", jwt_secret=JWT_SECRET, database=kind)
     try:
-        base = {**WADDLE_ENV, "WADDLE_DATABASE_URL": url}
+        base = {**WADDLE_ENV, "WADDLE_DATABASE_URL": url, **(env or {})}
         await run_to_completion("store_service.migrate", base)
         store = await start_service(
             "store",
@@ -212,10 +227,13 @@ async def peer(name: str, tmp: Path) -> AsyncIterator[System]:
 
 
 @contextlib.asynccontextmanager
-async def launch(name: str, tmp: Path, database_url: str | None) -> AsyncIterator[System]:
+async def launch(
+    name: str, tmp: Path, database_url: str | None, env: Mapping[str, str] | None = None
+) -> AsyncIterator[System]:
+    """Start ``name``; ``env`` adds ``WADDLE_`` variables to every Waddle service."""
     os.makedirs(tmp, exist_ok=True)
     if name == "waddle":
-        async with waddle(tmp, database_url) as system:
+        async with waddle(tmp, database_url, env) as system:
             yield system
     else:
         async with peer(name, tmp) as system:
