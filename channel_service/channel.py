@@ -29,9 +29,12 @@ import collections
 import itertools
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+
+import orjson
 
 from waddle_common import wire
 from waddle_common.store_client import stored_to_body
@@ -135,6 +138,10 @@ class Conn:
     session: int  # the Attach stream generation that registered it
 
 
+# The fields of an ``onlineUsers`` entry: changing one re-encodes it.
+_LISTED = frozenset({"user_id", "username", "joined_at_ms", "status"})
+
+
 @dataclass(slots=True)
 class OnlineUser:
     user_id: str
@@ -143,6 +150,132 @@ class OnlineUser:
     status: str
     # The user's connections in the channel; empty while the user lingers.
     conns: set[ConnKey] = field(default_factory=set)
+    # The encoded ``onlineUsers`` entry and the roster holding it, if any.
+    _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _roster: Roster | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        # Only a user already encoded can be in a roster's listing.
+        if name in _LISTED and getattr(self, "_json", None) is not None:
+            object.__setattr__(self, "_json", None)
+            if self._roster is not None:
+                self._roster.stale = True
+
+    def json(self) -> bytes:
+        """The user's ``onlineUsers`` entry, encoded once per change."""
+        if self._json is None:
+            self._json = orjson.dumps(
+                {
+                    "userId": self.user_id,
+                    "username": self.username,
+                    "joinedAt": self.joined_at_ms,
+                    "status": self.status,
+                }
+            )
+        return self._json
+
+
+class Roster(dict[str, OnlineUser]):
+    """A channel's online users by id, in the order they came, with the first
+    ``limit`` users' ``onlineUsers`` entries kept as one encoded buffer.
+
+    Each join splices the joiner's entry in front of that buffer (less the
+    joiner's own entry) instead of building and encoding up to ``limit``
+    dicts, which made filling a big channel quadratic. A user appended below
+    the limit is added to the buffer in place; any other change (a removal,
+    a listed field of an encoded user) marks it stale and the next listing
+    rebuilds it from the users' cached entries.
+    """
+
+    __slots__ = ("_buf", "_index", "_limit", "_starts", "stale")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stale = True
+        self._limit = 0
+        self._buf = bytearray()  # entries, each followed by a comma
+        self._starts = array("q")  # where each buffered entry starts
+        self._index: dict[str, int] = {}  # user id -> position in the buffer
+
+    def __setitem__(self, user_id: str, user: OnlineUser) -> None:
+        new = user_id not in self
+        super().__setitem__(user_id, user)
+        if self.stale:
+            return
+        if not new:
+            self.stale = True
+        elif len(self._index) < self._limit:
+            self._add(user)
+
+    def __delitem__(self, user_id: str) -> None:
+        super().__delitem__(user_id)
+        self.stale = True
+
+    def pop(self, *args: Any) -> Any:
+        self.stale = True
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, OnlineUser]:
+        self.stale = True
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.stale = True
+        super().clear()
+
+    def setdefault(self, *args: Any) -> Any:
+        self.stale = True
+        return super().setdefault(*args)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.stale = True
+        super().update(*args, **kwargs)
+
+    def _add(self, user: OnlineUser) -> None:
+        self._index[user.user_id] = len(self._starts)
+        self._starts.append(len(self._buf))
+        self._buf += user.json()
+        self._buf += b","
+        user._roster = self
+
+    def _rebuild(self, limit: int) -> None:
+        self._limit = limit
+        self._buf = bytearray()
+        self._starts = array("q")
+        self._index = {}
+        for user in itertools.islice(self.values(), limit):
+            self._add(user)
+        self.stale = False
+
+    def listing(self, first: str, limit: int) -> bytes:
+        """The ``onlineUsers`` array: ``first`` (the joiner) leading, then the
+        others in the order they came, at most ``limit`` in all."""
+        if self.stale or limit != self._limit:
+            self._rebuild(limit)
+        view = memoryview(self._buf)
+        starts = self._starts
+        user = self.get(first)
+        if user is None:
+            # The whole buffer, less its last comma.
+            return b"".join((b"[", view[:-1], b"]")) if starts else b"[]"
+        i = self._index.get(first)
+        if i is None:
+            # The joiner is past the limit: the first limit - 1 others.
+            rest = view[: starts[limit - 1]] if len(starts) >= limit else view
+            return _splice(user.json(), rest, view[:0])
+        end = starts[i + 1] if i + 1 < len(starts) else len(view)
+        return _splice(user.json(), view[: starts[i]], view[end:])
+
+
+def _splice(head: bytes, before: memoryview, after: memoryview) -> bytes:
+    """``[head,before...after...]`` where ``before`` and ``after`` are runs of
+    comma-terminated entries."""
+    if not before and not after:
+        return b"".join((b"[", head, b"]"))
+    if after:
+        return b"".join((b"[", head, b",", before, after[:-1], b"]"))
+    return b"".join((b"[", head, b",", before[:-1], b"]"))
 
 
 @dataclass(slots=True)
@@ -154,6 +287,72 @@ class PendingPublish:
     received_at_ns: int
     deadline: float  # time.monotonic() after which the sender is told to retry
     message: store_pb2.NewMessage
+
+
+class RecentWindow:
+    """The newest ``maxlen`` messages of a channel, encoded, in one buffer.
+
+    What a joiner gets in ``initial_state``. One ``bytearray`` (and an
+    array of end offsets) per channel rather than a dict and a dozen strings
+    per message: a third of the memory, and one block the C library can give
+    back whole when the channel is freed (see ``channel_service.memory``).
+    Iterating or indexing yields the decoded messages; ``fragments`` yields
+    them ready for ``orjson`` to splice into a frame unchanged.
+    """
+
+    __slots__ = ("_buf", "_ends", "maxlen")
+
+    def __init__(self, maxlen: int, bodies: Iterable[Mapping[str, Any]] = ()) -> None:
+        self.maxlen = max(maxlen, 1)
+        self._buf = bytearray()
+        self._ends = array("I")
+        for body in bodies:
+            self.append(body)
+
+    def append(self, body: Mapping[str, Any]) -> None:
+        data = orjson.dumps(body)
+        ends = self._ends
+        if len(ends) >= self.maxlen:
+            cut = ends[0]
+            del self._buf[:cut]
+            del ends[0]
+            for i in range(len(ends)):
+                ends[i] -= cut
+        self._buf += data
+        ends.append(len(self._buf))
+
+    def _spans(self) -> Iterator[tuple[int, int]]:
+        start = 0
+        for end in self._ends:
+            yield start, end
+            start = end
+
+    def fragments(self) -> list[orjson.Fragment]:
+        buf = self._buf
+        return [orjson.Fragment(bytes(buf[a:b])) for a, b in self._spans()]
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        buf = self._buf
+        return (orjson.loads(buf[a:b]) for a, b in self._spans())
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        spans = list(self._spans())
+        a, b = spans[i]
+        body: dict[str, Any] = orjson.loads(self._buf[a:b])
+        return body
+
+
+class Window(Protocol):
+    """What a channel needs of its recent window (a ``RecentWindow``, or a
+    bounded ``deque`` of message bodies)."""
+
+    def append(self, body: dict[str, Any], /) -> None: ...
+    def __iter__(self) -> Iterator[Any]: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int, /) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +377,9 @@ class Channel:
     last_seq: int
     max_connections: int
     policy: ChannelPolicy = field(default_factory=ChannelPolicy)
-    recent: collections.deque[dict[str, Any]] = field(default_factory=collections.deque)
+    recent: Window = field(default_factory=lambda: collections.deque[dict[str, Any]]())
     conns: dict[ConnKey, Conn] = field(default_factory=dict)
-    users: dict[str, OnlineUser] = field(default_factory=dict)
+    users: Roster = field(default_factory=Roster)
     edges: collections.Counter[str] = field(default_factory=collections.Counter)
     typing: set[str] = field(default_factory=set)
     cursors: dict[str, int] = field(default_factory=dict)  # user id -> read seq, members only
@@ -201,9 +400,7 @@ class Channel:
             last_seq=state.last_seq,
             max_connections=state.settings.max_connections or default_max,
             policy=policy,
-            recent=collections.deque(
-                (stored_to_body(m) for m in state.recent), maxlen=max(policy.recent_limit, 1)
-            ),
+            recent=RecentWindow(policy.recent_limit, (stored_to_body(m) for m in state.recent)),
         )
 
     # -- membership ---------------------------------------------------------
@@ -212,22 +409,10 @@ class Channel:
     def idle(self) -> bool:
         return not self.conns and not self.pending and not self.committing
 
-    def online_users(self, first: str = "") -> list[dict[str, Any]]:
-        """Online users, ``first`` (the joiner) leading, at most ``online_users_limit``."""
-        head = [self.users[first]] if first in self.users else []
-        rest = (u for u in self.users.values() if u.user_id != first)
-        users: Iterable[OnlineUser] = itertools.chain(
-            head, itertools.islice(rest, self.policy.online_users_limit - len(head))
-        )
-        return [
-            {
-                "userId": u.user_id,
-                "username": u.username,
-                "joinedAt": u.joined_at_ms,
-                "status": u.status,
-            }
-            for u in users
-        ]
+    def online_users(self, first: str = "") -> bytes:
+        """Online users as an encoded JSON array, ``first`` (the joiner)
+        leading, at most ``online_users_limit``."""
+        return self.users.listing(first, self.policy.online_users_limit)
 
     def announces_presence(self) -> bool:
         """Small enough for per-user announcements (joins, leaves, read receipts)."""
@@ -285,9 +470,14 @@ class Channel:
                     self.set_user_status(conn, conn.status, emit)
         initial = b""
         if not rejoin:
+            recent = self.recent
             initial = wire.initial_state_frame(
                 channel_id=self.channel_id,
-                messages=self.recent,
+                # orjson writes a window's fragments unchanged, as it would the bodies.
+                messages=cast(
+                    Iterable[Mapping[str, Any]],
+                    recent.fragments() if isinstance(recent, RecentWindow) else recent,
+                ),
                 online_users=self.online_users(first=conn.user_id),
                 online_count=len(self.users),
                 last_seq=self.last_seq,

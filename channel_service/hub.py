@@ -30,9 +30,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -40,6 +40,7 @@ from channel_service.channel import (
     Channel,
     ChannelPolicy,
     Conn,
+    Emitter,
     PendingPublish,
     refuse_publish,
 )
@@ -52,6 +53,10 @@ from waddle_common.store_client import StoreClient, StoreUnavailable, stored_to_
 from waddle_pb import channel_pb2, store_pb2
 
 log = logging.getLogger("channel.hub")
+
+# What a draining shard no longer takes (and does not answer): the edges
+# re-send these to the channels' next owners.
+_NOT_WHILE_DRAINING = frozenset({"publish", "join"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,10 @@ class HubConfig:
     idle_seconds: float = 0.0  # hibernate channels idle this long (0: never)
     rehydrate_timeout: float = 5.0
     background_concurrency: int = 8
+
+
+# Largest batch written to one Attach stream at once (gRPC's limit is 16 MiB).
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -86,12 +95,24 @@ class Session:
         self.wake.set()
 
     async def batches(self) -> AsyncIterator[channel_pb2.ShardBatch]:
+        """Everything queued since the previous batch, in order, in batches of
+        at most ``MAX_BATCH_BYTES`` (far below gRPC's message limit, however
+        long the reader was slow)."""
         while not self.closed:
             await self.wake.wait()
             self.wake.clear()
-            if self.out:
-                events, self.out = self.out, []
+            while self.out:
+                size = 0
+                for n, event in enumerate(self.out):
+                    size += event.ByteSize()
+                    if size > MAX_BATCH_BYTES and n:
+                        break
+                else:
+                    n = len(self.out)
+                events, self.out = self.out[:n], self.out[n:]
+                # Nothing of a sent batch stays referenced while waiting.
                 yield channel_pb2.ShardBatch(events=events)
+                del events
 
     def close(self) -> None:
         self.closed = True
@@ -125,6 +146,10 @@ class Hub:
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._committer: asyncio.Task[None] | None = None
+        # Set by the shard drain (``channel_service.drain``): publishes and
+        # joins are no longer taken, and left unanswered for the next owner.
+        self.draining = False
+        self._head_checks: set[str] = set()
         self.departures = Linger(config.policy.presence_linger, self._linger_expired)
         self.reads = ReadReceipts(
             CursorWriter(
@@ -346,7 +371,34 @@ class Hub:
     # -- inbound ------------------------------------------------------------
 
     def handle(self, session: Session, event: channel_pb2.EdgeEvent) -> None:
+        kind = event.WhichOneof("kind")
+        if self.draining and kind in _NOT_WHILE_DRAINING:
+            return
+        if kind == "leave" and event.leave.moved and self._release_asleep(session, event.leave):
+            return
         self.life.route(session, event)
+
+    def _release_asleep(self, session: Session, leave: channel_pb2.Leave) -> bool:
+        """A moved connection of a sleeping channel: the edge moves all of a
+        channel's connections at once, so its share of the record goes, and
+        the channel sleeps on (a wake would count those users as departed)."""
+        table = self.life.sleeping
+        record = table.get(leave.channel_id)
+        if record is None:
+            return False
+        rest = tuple(share for share in record if share.edge_id != session.edge_id)
+        if rest:
+            table.put(leave.channel_id, rest)
+        else:
+            table.pop(leave.channel_id)
+        return True
+
+    def settling(self) -> bool:
+        """Some publish taken is not settled yet (queued, committing, or
+        waiting in the backlog of a channel being loaded)."""
+        if self.life.waking:
+            return True
+        return any(c.pending or c.committing for c in self.channels.values())
 
     # -- what the lifecycle needs (``lifecycle.Host``) ----------------------
 
@@ -377,6 +429,10 @@ class Hub:
     def _join(
         self, channel: Channel, session: Session, join: channel_pb2.Join, *, rejoin: bool
     ) -> None:
+        if join.seen_seq > channel.last_seq:
+            # The connection saw messages this owner did not commit: another
+            # owner did, while the edges disagreed. Learn the store's head.
+            self._check_head(channel)
         m = join.member
         channel.join(
             Conn(
@@ -397,13 +453,18 @@ class Hub:
     def apply(self, channel: Channel, session: Session, event: channel_pb2.EdgeEvent) -> None:
         if session.closed:
             return
+        if self.draining and event.WhichOneof("kind") in _NOT_WHILE_DRAINING:
+            return  # from a backlog: the edge re-sends it to the next owner
         channel.active_at = time.monotonic()
         edge_id = session.edge_id
         match event.WhichOneof("kind"):
             case "join":
                 self._join(channel, session, event.join, rejoin=event.join.rejoin)
             case "leave":
-                channel.leave(edge_id, event.leave.conn_id, self)
+                if event.leave.moved:
+                    release(channel, edge_id, event.leave.conn_id)
+                else:
+                    channel.leave(edge_id, event.leave.conn_id, self)
                 self.evict_if_idle(channel)
             case "typing":
                 channel.set_typing(edge_id, event.typing.conn_id, event.typing.is_typing, self)
@@ -450,6 +511,36 @@ class Hub:
                 refuse_publish(self, session.edge_id, pub.channel_id, pub, wire.UNAVAILABLE)
         return keep
 
+    def _check_head(self, channel: Channel) -> None:
+        if channel.channel_id not in self._head_checks:
+            self._head_checks.add(channel.channel_id)
+            self.spawn(self._head_check(channel), f"head:{channel.channel_id}")
+
+    async def _head_check(self, channel: Channel) -> None:
+        """Broadcast what another owner committed for ``channel`` while the
+        edges disagreed, so its members need no publish here to see it."""
+        try:
+            state = await self.store.load_channel(channel.channel_id, 0)
+            # A commit in flight settles it: it lands (so nothing was missed)
+            # or it is fenced and the committer catches up.
+            if (
+                not channel.committing
+                and self.channels.get(channel.channel_id) is channel
+                and state.last_seq > channel.last_seq
+            ):
+                # Keep the committer off this channel until it caught up.
+                channel.committing = True
+                try:
+                    await self._catch_up(channel, state.last_seq)
+                finally:
+                    channel.committing = False
+                    if channel.pending:
+                        self._mark_dirty(channel)
+        except StoreUnavailable:
+            pass  # the next commit's fence catches up instead
+        finally:
+            self._head_checks.discard(channel.channel_id)
+
     # -- group commit -------------------------------------------------------
 
     def _mark_dirty(self, channel: Channel) -> None:
@@ -473,27 +564,36 @@ class Hub:
         while True:
             await self._commit_wake.wait()
             self._commit_wake.clear()
-            work: list[tuple[Channel, list[PendingPublish]]] = []
-            for channel in self._dirty.values():
-                if channel.pending and not channel.committing:
-                    channel.committing = True
-                    work.append((channel, channel.take_pending()))
-            self._dirty.clear()
-            if not work:
-                continue
-            ok = await self._commit(work)
-            for channel, _ in work:
-                channel.committing = False
-                if channel.pending:
-                    self._mark_dirty(channel)
-                self.evict_if_idle(channel)
-            if ok:
+            ok = await self._commit_round()
+            if ok is None or ok:
                 delay = self.config.retry_initial
             else:
                 # The store is down: wait before the next attempt so a dead
                 # store is not hammered, but keep accepting publishes.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max)
+
+    async def _commit_round(self) -> bool | None:
+        """Commit every dirty channel's queue once; None when there was nothing.
+
+        A method of its own so that nothing of a round (its channels, their
+        messages) stays referenced by the committer while it waits for the
+        next one: that would keep a channel that went to sleep in memory."""
+        work: list[tuple[Channel, list[PendingPublish]]] = []
+        for channel in self._dirty.values():
+            if channel.pending and not channel.committing:
+                channel.committing = True
+                work.append((channel, channel.take_pending()))
+        self._dirty.clear()
+        if not work:
+            return None
+        ok = await self._commit(work)
+        for channel, _ in work:
+            channel.committing = False
+            if channel.pending:
+                self._mark_dirty(channel)
+            self.evict_if_idle(channel)
+        return ok
 
     async def _commit(self, work: list[tuple[Channel, list[PendingPublish]]]) -> bool:
         request = store_pb2.AppendBatchRequest(
@@ -601,6 +701,29 @@ class Hub:
         except StoreUnavailable:
             pass
         channel.last_seq = max(channel.last_seq, store_head)
+
+
+class _Muted:
+    """An emitter that tells nobody anything."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+_MUTED = cast(Emitter, _Muted())
+
+
+def release(channel: Channel, edge_id: str, conn_id: int) -> None:
+    """Forget a connection whose channel moved to another owner, silently: its
+    user lives on at the new owner, so here it neither lingers nor departs."""
+    conn = channel.conns.get((edge_id, conn_id))
+    if conn is None:
+        return
+    channel.leave(edge_id, conn_id, _MUTED)
+    user = channel.users.get(conn.user_id)
+    if user is not None and not user.conns:
+        del channel.users[conn.user_id]
+        channel.cursors.pop(conn.user_id, None)
 
 
 def _messages(work: list[tuple[Channel, list[PendingPublish]]]) -> int:

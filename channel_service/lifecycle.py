@@ -7,16 +7,18 @@ A channel id is in one of four states on a shard:
   asleep, its connections are being re-registered by the edges that hold
   them (it is *waking*). Its events wait in a backlog.
 * **awake**: a ``Channel`` in memory; its events are applied at once.
-* **asleep** (hibernated): only a ``Dormant`` record is kept - for each edge
-  with members there, the edge's id, how many connections it registered (and
-  in which Attach session), and one compact line per user (id, name,
-  presence status, joined-at). For a channel of two users on one edge that
-  is about 300 bytes (``dormant_size``), whatever its history.
+* **asleep** (hibernated): only a ``Dormant`` record is kept, packed in the
+  shard's ``DormantTable`` - for each edge with members there, the edge's
+  id, how many connections it registered (and in which Attach session), and
+  per user id, name, presence status and joined-at. For a channel of two
+  users on one edge that is about 150 bytes (``dormant_size``), whatever its
+  history.
 
 Transitions and their contract:
 
 1. **Load.** The first join of an absent channel loads it from the store
-   (head, settings, recent window). Events that arrive meanwhile are applied
+   (head, settings, recent window; at most ``load_concurrency`` loads and
+   wakes at a time, the others queue). Events that arrive meanwhile are applied
    in arrival order once it is loaded. A channel with no members left is
    forgotten at once (nothing is pending for it).
 2. **Hibernate.** With ``idle_seconds`` > 0, an awake channel with members
@@ -67,16 +69,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import sys
 import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
-
 from channel_service.alarm import Alarm
 from channel_service.channel import Channel, ChannelPolicy, Emitter
+from channel_service.dormant import Dormant, DormantTable, EdgeShare
 from channel_service.memory import Trimmer
 from channel_service.metrics import ChannelMetrics
 from waddle_common.store_client import StoreUnavailable
@@ -98,6 +98,10 @@ class LifecycleConfig:
     rehydrate_timeout: float = 5.0
     # Background store calls (head checks, wakes that announce departures) at a time.
     background_concurrency: int = 8
+    # Channel loads (first joins and wakes) at a time; the others wait their
+    # turn. Thousands at once would all outlive the store's deadline, be
+    # refused, and wake again on the next message.
+    load_concurrency: int = 32
     # Channels put to sleep per loop turn (the rest on the next turns).
     sweep_batch: int = 500
     retry_initial: float = 0.05
@@ -145,24 +149,8 @@ class Host(Emitter, Protocol):
 # -- the dormant record ------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class EdgeShare:
-    """One edge's part of a sleeping channel."""
-
-    edge_id: str
-    generation: int  # the Attach session that registered ``count`` connections
-    count: int
-    expected: int  # connections it had when the channel fell asleep (or was taken over)
-    # One line per user of those connections: orjson [user id, name, status, joined-at].
-    users: bytes | bytearray
-
-
-Dormant = tuple[EdgeShare, ...]
-
-
-def user_line(user_id: str, username: str, status: str, joined_at_ms: int) -> bytes:
-    # JSON escapes control characters, so a line never holds a raw newline.
-    return orjson.dumps([user_id, username, status, joined_at_ms]) + b"\n"
+def user_entry(user_id: str, username: str, status: str, joined_at_ms: int) -> list[Any]:
+    return [user_id, username, status, joined_at_ms]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,35 +160,20 @@ class KnownUser:
     joined_at_ms: int
 
 
-def decode_users(blobs: Iterable[bytes | bytearray]) -> dict[str, KnownUser]:
-    """Users of the given shares (a later line about the same user wins)."""
+def known_users(shares: Iterable[EdgeShare]) -> dict[str, KnownUser]:
+    """Users of the given shares (a later entry about the same user wins)."""
     out: dict[str, KnownUser] = {}
-    for blob in blobs:
-        for line in bytes(blob).split(b"\n"):
-            if line:
-                user_id, username, status, joined = orjson.loads(line)
-                out[user_id] = KnownUser(username, status, joined)
+    for share in shares:
+        for user_id, username, status, joined in share.users:
+            out[user_id] = KnownUser(username, status, joined)
     return out
 
 
-def dormant_size(channel_id: str, record: Dormant) -> int:
-    """Bytes a sleeping channel keeps: its key, the record, its shares and their
-    user lines (edge ids are shared with the Attach sessions, not counted; the
-    hub's dict slot adds about 40 more)."""
-    return (
-        sys.getsizeof(channel_id)
-        + sys.getsizeof(record)
-        + sum(sys.getsizeof(s) + sys.getsizeof(s.users) for s in record)
-    )
-
-
-def fresh_copy(text: str) -> str:
-    """An equal string in a new allocation.
-
-    A sleeping channel's key must not be the string object its awake state
-    was loaded with: that object sits among the state's objects in the
-    allocator's arenas, and one survivor keeps a whole arena resident."""
-    return (text + ".")[:-1]
+def dormant_size(table: DormantTable, channel_id: str) -> int:
+    """Bytes a sleeping channel costs: its entry in the table's buffer and
+    its share of the table's index."""
+    index = table.nbytes - table.buffer_bytes
+    return table.entry_size(channel_id) + index // max(1, len(table))
 
 
 @dataclass(eq=False, slots=True)
@@ -237,14 +210,16 @@ class Lifecycle:
         self.policy = policy
         self.default_max = default_max_connections
         self.channels: dict[str, Channel] = {}
-        self.sleeping: dict[str, Dormant] = {}
+        self.sleeping = DormantTable()
         self.waking: dict[str, Waking] = {}
-        # Departures to settle once an edge's rejoin grace is over: channel -> edge -> users.
-        self._deferred: dict[str, dict[str, bytes | bytearray]] = {}
+        # Departures to settle once an edge's rejoin grace is over: channel -> edge -> share.
+        self._deferred: dict[str, dict[str, EdgeShare]] = {}
         self._sweeper = Alarm("hibernate", self._sweep)
         self._trimmer = Trimmer(on_trim=metrics.trim_seconds.observe)
         self._background: collections.deque[tuple[str, str]] = collections.deque()
         self._background_running = 0
+        self._loads = asyncio.Semaphore(config.load_concurrency)
+        metrics.hibernated_bytes.set_function(lambda: self.sleeping.nbytes)
 
     @property
     def hibernates(self) -> bool:
@@ -253,7 +228,7 @@ class Lifecycle:
     def members(self) -> int:
         """Connections registered in this shard's channels, awake or asleep."""
         awake = sum(len(c.conns) for c in self.channels.values())
-        return awake + sum(s.count for record in self.sleeping.values() for s in record)
+        return awake + self.sleeping.members
 
     def stop(self) -> None:
         self._sweeper.cancel()
@@ -280,12 +255,14 @@ class Lifecycle:
             return
         waking = self.waking.get(channel_id)
         if waking is not None:
+            if kind == "leave" and event.leave.moved:
+                self._moved_while_waking(waking, session.edge_id)
             waking.backlog.append((session, event))
             return
         record = self.sleeping.get(channel_id)
         if record is not None:
             if kind == "join" and event.join.rejoin:
-                self.sleeping[channel_id] = absorb(record, session, event.join)
+                self.sleeping.put(channel_id, absorb(record, session, event.join))
             else:
                 waking = self._wake(channel_id, record, [(session, event)], reason="event")
                 self.host.spawn(self._load(waking), f"wake:{channel_id}")
@@ -310,7 +287,7 @@ class Lifecycle:
 
     def _wake(self, channel_id: str, record: Dormant, backlog: Backlog, *, reason: str) -> Waking:
         """Start waking a sleeping channel; ``_load`` finishes it."""
-        del self.sleeping[channel_id]
+        self.sleeping.pop(channel_id)
         waking = Waking(channel_id, backlog, shares=record, started=time.perf_counter())
         self.waking[channel_id] = waking
         ask = channel_pb2.ShardEvent(rehydrate=channel_pb2.Rehydrate(channel_id=channel_id))
@@ -332,7 +309,8 @@ class Lifecycle:
         delay = self.config.retry_initial
         while self.waking.get(channel_id) is waking:
             try:
-                state = await self.store.load_channel(channel_id, self.policy.recent_limit)
+                async with self._loads:
+                    state = await self.store.load_channel(channel_id, self.policy.recent_limit)
             except StoreUnavailable as exc:
                 log.warning(
                     "channel load failed", extra={"channel_id": channel_id, "error": str(exc)}
@@ -363,7 +341,7 @@ class Lifecycle:
             record = absorb(record, session, event.join)
         self._forget(waking)
         if record:
-            self.sleeping[waking.channel_id] = record
+            self.sleeping.put(waking.channel_id, record)
         return True
 
     def _forget(self, waking: Waking) -> None:
@@ -397,6 +375,15 @@ class Lifecycle:
             waking.asked.clear()
             self._maybe_complete(waking)
 
+    def _moved_while_waking(self, waking: Waking, edge_id: str) -> None:
+        """An edge moved the waking channel elsewhere (it moves all of a
+        channel's connections at once): its share of the sleeping record
+        is not departures to settle, and its answer is not awaited."""
+        waking.shares = tuple(s for s in waking.shares if s.edge_id != edge_id)
+        if edge_id in waking.asked:
+            waking.asked.discard(edge_id)
+            self._maybe_complete(waking)
+
     def session_ended(self, edge_id: str) -> None:
         """An edge's Attach stream ended (or was replaced): stop waiting for its answers."""
         for waking in list(self.waking.values()):
@@ -424,25 +411,24 @@ class Lifecycle:
                 for join in answer.members:
                     host.rejoin(channel, session, join)
         if waking.shares:
-            known = decode_users(share.users for share in waking.shares)
-            for user_id, user in known.items():
+            for user_id, user in known_users(waking.shares).items():
                 channel.restore_user(user_id, status=user.status, joined_at_ms=user.joined_at_ms)
         for session, event in waking.backlog:
             host.apply(channel, session, event)
         for share in waking.shares:
             if share.edge_id in waking.answered or not host.grace_pending(share.edge_id):
-                self._settle(channel, share.users)
+                self._settle(channel, share)
             else:
-                self._deferred.setdefault(channel_id, {})[share.edge_id] = share.users
+                self._deferred.setdefault(channel_id, {})[share.edge_id] = share
         if waking.shares:
             self.metrics.wake_seconds.observe(time.perf_counter() - waking.started)
         if self.hibernates:
             self._sweeper.arm(channel.active_at + self.config.idle_seconds)
         host.evict_if_idle(channel)
 
-    def _settle(self, channel: Channel, users: bytes | bytearray) -> None:
+    def _settle(self, channel: Channel, share: EdgeShare) -> None:
         """Users of a share that nobody re-registered have left."""
-        for user_id, user in decode_users([users]).items():
+        for user_id, user in known_users([share]).items():
             if user_id not in channel.users:
                 channel.depart_unregistered(
                     user_id, user.username, user.status, user.joined_at_ms, self.host
@@ -455,7 +441,7 @@ class Lifecycle:
     # -- taking over and the edges' grace -----------------------------------
 
     def _take_over(self, channel_id: str, session: Session, join: channel_pb2.Join) -> None:
-        self.sleeping[channel_id] = absorb((), session, join)
+        self.sleeping.put(channel_id, absorb((), session, join))
         self.metrics.takeovers.inc()
         self._background_add("head", channel_id)
 
@@ -463,16 +449,16 @@ class Lifecycle:
         """The edge's rejoin grace is over: connections it did not re-register
         (in session ``keep_generation``) are gone."""
         for channel_id, by_edge in list(self._deferred.items()):
-            users = by_edge.pop(edge_id, None)
+            share = by_edge.pop(edge_id, None)
             if not by_edge:
                 del self._deferred[channel_id]
             channel = self.channels.get(channel_id)
-            if users is not None and channel is not None:
-                self._settle(channel, users)
+            if share is not None and channel is not None:
+                self._settle(channel, share)
                 self.host.evict_if_idle(channel)
         short = [
             channel_id
-            for channel_id, record in self.sleeping.items()
+            for channel_id, record in self.sleeping.with_edge(edge_id)
             if any(
                 share.edge_id == edge_id
                 and (share.generation != keep_generation or share.count < share.expected)
@@ -570,11 +556,11 @@ class Lifecycle:
 
     def hibernate(self, channel: Channel) -> None:
         """Put an awake channel to sleep (``_can_sleep`` must hold)."""
-        by_edge: dict[str, list[bytes]] = {}
+        by_edge: dict[str, list[list[Any]]] = {}
         for user in channel.users.values():
-            line = user_line(user.user_id, user.username, user.status, user.joined_at_ms)
+            entry = user_entry(user.user_id, user.username, user.status, user.joined_at_ms)
             for edge_id in {edge_id for edge_id, _ in user.conns}:
-                by_edge.setdefault(edge_id, []).append(line)
+                by_edge.setdefault(edge_id, []).append(entry)
         record: list[EdgeShare] = []
         for edge_id, count in channel.edges.items():
             session = self.host.session(edge_id)
@@ -584,12 +570,12 @@ class Lifecycle:
                     session.generation if session is not None else 0,
                     count,
                     count,
-                    b"".join(by_edge.get(edge_id, ())),
+                    by_edge.get(edge_id, []),
                 )
             )
         channel_id = channel.channel_id
         del self.channels[channel_id]
-        self.sleeping[fresh_copy(channel_id)] = tuple(record)
+        self.sleeping.put(channel_id, tuple(record))
         self.host.channel_asleep(channel_id)
         self.metrics.hibernations.inc()
 
@@ -597,7 +583,7 @@ class Lifecycle:
 def absorb(record: Dormant, session: Session, join: channel_pb2.Join) -> Dormant:
     """A sleeping channel's record after one silent re-registration."""
     m = join.member
-    line = user_line(m.user_id, m.username, m.status or "online", m.joined_at_ms)
+    entry = user_entry(m.user_id, m.username, m.status or "online", m.joined_at_ms)
     for share in record:
         if share.edge_id != session.edge_id:
             continue
@@ -610,9 +596,6 @@ def absorb(record: Dormant, session: Session, join: channel_pb2.Join) -> Dormant
             # More than it had: a connection the record does not know yet
             # (a channel taken over, re-registered one connection at a time).
             share.expected = share.count
-            users = share.users
-            if not isinstance(users, bytearray):
-                users = share.users = bytearray(users)
-            users += line
+            share.users.append(entry)
         return record
-    return (*record, EdgeShare(session.edge_id, session.generation, 1, 1, bytearray(line)))
+    return (*record, EdgeShare(session.edge_id, session.generation, 1, 1, [entry]))

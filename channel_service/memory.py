@@ -1,13 +1,18 @@
 """Giving freed memory back to the operating system.
 
-CPython's small-object allocator returns an arena to the system only when
-every object in it is gone, and glibc's ``free`` keeps freed chunks in the
-process for reuse; either way, memory a shard frees by hibernating channels
-can stay in its RSS, which is what a pod is billed and limited on. The
-lifecycle lays hibernation out so that a hibernated channel leaves nothing
-behind in the memory its state was allocated in (see
-``channel_service.lifecycle``), so whole arenas empty out; ``trim`` then asks
-glibc (``malloc_trim``) to hand back the free pages of its heaps too.
+Memory a shard frees by hibernating channels must leave its RSS, which is
+what a pod is billed and limited on. CPython's own allocator carves small
+objects out of 1 MiB arenas and gives an arena back only when the last
+object in it is gone, so a few long-lived objects (a session's, a
+metric's, a dict that grew while the shard was busy) scattered over the
+arenas of 5,000 freed channels keep most of those megabytes resident. The
+shard therefore runs with ``PYTHONMALLOC=malloc`` (``use_system_malloc``,
+called before anything is imported): every object comes from glibc, and
+after a hibernation sweep ``Trimmer`` runs a full garbage collection (which
+also empties the interpreter's free lists) and ``malloc_trim``, which hands
+back every free 4 KiB page of glibc's heaps. Sleeping channels themselves
+live in one buffer (``channel_service.dormant``), not among the freed
+objects. An operator who sets ``PYTHONMALLOC`` keeps their choice.
 
 Where glibc is not the C library (musl, macOS) ``trim`` does nothing.
 """
@@ -17,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -39,6 +47,16 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 _TRIM = _malloc_trim()
+
+
+def use_system_malloc() -> None:
+    """Re-execute this process with ``PYTHONMALLOC=malloc`` unless the
+    variable is set (the environment then says what to use). Call it first
+    thing in ``__main__``: nothing started before it survives the exec."""
+    if "PYTHONMALLOC" in os.environ or _TRIM is None:
+        return
+    env = {**os.environ, "PYTHONMALLOC": "malloc"}
+    os.execve(sys.executable, sys.orig_argv, env)
 
 
 def trim() -> bool:
@@ -69,6 +87,10 @@ class Trimmer:
     def _run(self) -> None:
         self._handle = None
         started = time.perf_counter()
+        # A full collection also empties the interpreter's free lists (tuples,
+        # lists, dicts, frames kept for reuse): several MB after thousands of
+        # channels were freed, which trim can then return.
+        gc.collect()
         if trim() and self._on_trim is not None:
             self._on_trim(time.perf_counter() - started)
         self._last = time.monotonic()

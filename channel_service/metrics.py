@@ -19,6 +19,11 @@ class ChannelMetrics:
             "Channels with members that this shard holds asleep (a few hundred bytes each)",
             registry=r,
         )
+        self.hibernated_bytes = Gauge(
+            "waddle_channel_hibernated_bytes",
+            "Memory the records of this shard's sleeping channels take (buffer and index)",
+            registry=r,
+        )
         self.hibernations = Counter(
             "waddle_channel_hibernations_total",
             "Channels put to sleep after WADDLE_CHANNEL_IDLE_SECONDS without an event",

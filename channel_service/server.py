@@ -1,8 +1,14 @@
 """gRPC front of the channel service: the Attach servicer and ``serve()``.
 
-The servicer is thin: it reads an edge's batches into the hub and streams
-the hub's output back. Wiring (store client, metrics, health, signals) is in
-``serve``.
+The servicer is thin: it welcomes an edge, reads its batches into the hub
+and streams the hub's output back. Wiring (store client, metrics, health,
+signals, the SIGTERM drain of ``channel_service.drain``) is in ``serve``.
+
+A shard takes any channel an edge routes to it: it keeps no shard list of
+its own. Which shard owns a channel is the edges' rendezvous choice over the
+shards they can reach; while edges disagree (a shard just went down or came
+back, a DNS answer is not yet everywhere), the store's fence keeps the two
+owners from forking the channel.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from channel_service.channel import ChannelPolicy
+from channel_service.drain import drain
 from channel_service.hub import Hub, HubConfig
 from channel_service.metrics import ChannelMetrics
 from waddle_common import logs
@@ -50,21 +57,33 @@ class ChannelServicer(channel_pb2_grpc.ChannelServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello needs an edge_id")
             return
         session = self.hub.open_session(edge_id)
+        hub = self.hub
+        # First on the stream: the edge counts this shard as reachable (and,
+        # while it drains, routes none of its channels here).
+        session.send(channel_pb2.ShardEvent(welcome=channel_pb2.Welcome(draining=hub.draining)))
 
-        async def read() -> None:
+        def take(batch: channel_pb2.EdgeBatch, skip: int = 0) -> None:
+            for event in batch.events[skip:]:
+                hub.handle(session, event)
+
+        async def read(opening: list[channel_pb2.EdgeBatch]) -> None:
+            # No batch stays referenced while the next is awaited: what a
+            # stream last carried must not keep anything of a sleeping
+            # channel in memory.
             try:
-                for event in first.events[1:]:
-                    self.hub.handle(session, event)
+                take(opening.pop(), skip=1)
                 async for batch in request_iterator:
-                    for event in batch.events:
-                        self.hub.handle(session, event)
+                    take(batch)
+                    del batch
             finally:
                 session.close()
 
-        reader = asyncio.create_task(read(), name=f"attach-read:{edge_id}")
+        reader = asyncio.create_task(read([first]), name=f"attach-read:{edge_id}")
+        del first
         try:
-            async for batch in session.batches():
-                yield batch
+            async for out in session.batches():
+                yield out
+                del out
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -123,8 +142,13 @@ async def serve(settings: Settings) -> None:
     serving = False
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # The edges move this shard's channels elsewhere before it goes; all of
+    # it within the grace period (the chart's terminationGracePeriodSeconds
+    # adds a margin to it).
+    deadline = loop.time() + settings.shutdown_grace_seconds
+    await drain(hub, settings.shutdown_grace_seconds)
     await hub.stop()
-    await server.stop(settings.shutdown_grace_seconds)
+    await server.stop(max(0.0, deadline - loop.time()))
     await ops.cleanup()
     await store.close()
 

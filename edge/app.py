@@ -33,7 +33,7 @@ from edge.connection import Connection, State, close_ws
 from edge.heartbeat import HEARTBEAT, heartbeat_ctx
 from edge.limits import ConnectionBudget
 from edge.runtime import RUNTIME, SETTINGS, EdgeRuntime, drain, refuse, runtime_ctx
-from edge.shards import ShardLink
+from edge.shards import ShardRouter
 from waddle_common import wire
 from waddle_common.settings import Settings
 
@@ -99,7 +99,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         identity=identity,
         joined_at_ms=time.time_ns() // 1_000_000,
     )
-    link = runtime.router.link_for(channel_id)
+    link = runtime.router
     outcome = await joining.join(runtime, conn, link, resume=False)
     if isinstance(outcome, str):
         if outcome == "channel_full":
@@ -193,7 +193,7 @@ async def multiplexed_handler(request: web.Request) -> web.StreamResponse:
 def _on_frame(
     runtime: EdgeRuntime,
     conn: Connection,
-    link: ShardLink,
+    link: ShardRouter,
     budget: ConnectionBudget,
     msg: WSMessage,
 ) -> bool:

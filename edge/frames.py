@@ -23,7 +23,7 @@ from edge import protocol
 from edge.connection import Connection
 from edge.limits import ConnectionBudget
 from edge.runtime import EdgeRuntime
-from edge.shards import ShardLink
+from edge.shards import ShardRouter
 from waddle_common import wire
 from waddle_pb import channel_pb2
 
@@ -92,7 +92,7 @@ def take_frame(
 def channel_frame(
     runtime: EdgeRuntime,
     conn: Connection,
-    link: ShardLink,
+    link: ShardRouter,
     budget: ConnectionBudget,
     frame: protocol.ClientFrame,
 ) -> bool:

@@ -22,7 +22,7 @@ import orjson
 
 from edge.connection import Connection
 from edge.runtime import EdgeRuntime
-from edge.shards import ShardLink
+from edge.shards import ShardRouter
 from waddle_common.store_client import StoreUnavailable
 
 UNREAD_CAP = 1000
@@ -44,7 +44,7 @@ async def _read_cursor(runtime: EdgeRuntime, conn: Connection) -> int | None:
 
 
 async def join(
-    runtime: EdgeRuntime, conn: Connection, link: ShardLink, *, resume: bool
+    runtime: EdgeRuntime, conn: Connection, link: ShardRouter, *, resume: bool
 ) -> Joined | str:
     """Add ``conn`` here and at the owner; return what to send first, or the
     refusal (``channel_full``, ``user_limit``, ``unavailable``) after undoing it."""
@@ -66,6 +66,10 @@ async def join(
         refusal = result.refusal if result is not None else ""
         return refusal if refusal in REFUSALS else "unavailable"
     stored = await cursor
+    if not resume:
+        spliced = with_read_state(result.initial_state, stored, result.last_seq)
+        if spliced is not None:
+            return Joined(spliced, result.last_seq)
     state = orjson.loads(result.initial_state)
     # The owner knows the newest cursor of a user connected elsewhere (its
     # store writes are batched); the store knows it for everyone else.
@@ -77,3 +81,35 @@ async def join(
     if resume:
         state["messages"] = []
     return Joined(orjson.dumps(state), result.last_seq)
+
+
+_INITIAL = b'{"type":"initial_state",'
+_READ_SEQ = b',"readSeq":'
+
+
+def with_read_state(initial: bytes, stored: int | None, last_seq: int) -> bytes | None:
+    """The owner's ``initial_state`` with ``readSeq``/``unreadCount`` set as
+    ``join`` would set them, without decoding and re-encoding it.
+
+    The frame lists up to a thousand online users and the recent messages,
+    so a join storm would otherwise parse and re-encode each one on the
+    edge. The owner writes it compactly (``wire.initial_state_frame``)
+    with ``readSeq``, when it knows one, as the last field: the cursor
+    fields are spliced in at the end. None for any other shape (the caller
+    then decodes it)."""
+    if not (initial.startswith(_INITIAL) and initial.endswith(b"}")):
+        return None
+    body = initial[:-1]
+    owners = 0
+    at = body.rfind(_READ_SEQ)
+    if at != -1:
+        digits = body[at + len(_READ_SEQ) :]
+        if not digits.isdigit():
+            return None
+        owners = int(digits)
+        body = body[:at]
+    if stored is None and not owners:
+        return body + b"}"
+    read_seq = owners if stored is None else max(stored, owners)
+    unread = min(max(0, last_seq - read_seq), UNREAD_CAP)
+    return body + b',"readSeq":%d,"unreadCount":%d}' % (read_seq, unread)

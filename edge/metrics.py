@@ -70,6 +70,34 @@ class EdgeMetrics:
             "Attach streams currently open to channel shards",
             registry=r,
         )
+        self.ring_shards = Gauge(
+            "waddle_edge_ring_shards",
+            "Channel shards this edge routes to (known shards minus down or draining ones)",
+            registry=r,
+        )
+        self.known_shards = Gauge(
+            "waddle_edge_known_shards",
+            "Channel shards in the membership (static list or DNS)",
+            registry=r,
+        )
+        self.ring_changes = Counter(
+            "waddle_edge_ring_changes_total",
+            "Changes of this edge's ring, by reason (down, up, drain, membership)",
+            ["reason"],
+            registry=r,
+        )
+        self.channels_moved = Counter(
+            "waddle_edge_channels_moved_total",
+            "Local channels re-routed to another shard, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.failover_seconds = Histogram(
+            "waddle_edge_failover_seconds",
+            "A shard's stream broke -> its channels re-routed to their next owners",
+            buckets=(0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 30, 60),
+            registry=r,
+        )
         self._out: dict[str, Counter] = {}
 
     def frames_out_for(self, frame_type: str) -> Counter:

@@ -131,7 +131,7 @@ async def _join(
     runtime: EdgeRuntime, sock: MuxSocket, conn: Connection, after_seq: int | None
 ) -> None:
     channel_id = conn.channel_id
-    link = runtime.router.link_for(channel_id)
+    link = runtime.router
     try:
         outcome = await joining.join(runtime, conn, link, resume=after_seq is not None)
     finally:
@@ -153,7 +153,7 @@ async def _join(
 def _detach(runtime: EdgeRuntime, conn: Connection) -> None:
     """End one subscription without closing the socket."""
     conn.state = State.CLOSED
-    runtime.router.link_for(conn.channel_id).leave(conn)
+    runtime.router.leave(conn)
     runtime.local.remove(conn)
     if conn.sync_task is not None:
         conn.sync_task.cancel()
@@ -211,7 +211,7 @@ def on_frame(
                 return True
             if isinstance(frame, protocol.SetPresence):
                 control.status = frame.status  # later subscriptions start with it
-            link = runtime.router.link_for(channel_id)
+            link = runtime.router
             return frames.channel_frame(runtime, conn, link, budget, frame)
     return True
 

@@ -1,5 +1,6 @@
 """One edge's shared state and its lifetime: settings, metrics, the token
-verifier, the local connection registry, the shard links, the store client,
+verifier, the local connection registry, the shard links and their
+membership source, the store client,
 replay and history, opened and closed by one cleanup context; and the
 drain that SIGTERM runs.
 """
@@ -21,6 +22,7 @@ from edge.connection import Connection, Limits, LocalChannels
 from edge.expiry import ExpiryWatch
 from edge.history import HistoryServer
 from edge.limits import RateConfig
+from edge.membership import DnsMembership
 from edge.metrics import EdgeMetrics
 from edge.replay import ReplayBudget, Replayer
 from edge.shards import ShardRouter
@@ -81,6 +83,8 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         options=channel_options(),
         publish_timeout=settings.publish_timeout_seconds * 1.5,
         tls=tls,
+        down_after=settings.shard_down_seconds,
+        up_after=settings.shard_up_seconds,
     )
     replayer = Replayer(
         store,
@@ -124,9 +128,23 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     metrics.connections.set_function(lambda: runtime.sockets)
     metrics.subscriptions.set_function(lambda: len(local))
-    router.warm_up()
+    membership: asyncio.Task[None] | None = None
+    if settings.channel_shards_dns:
+        dns = DnsMembership(
+            settings.channel_shards_dns,
+            interval=settings.channel_shards_dns_seconds,
+            nameserver=settings.dns_server,
+        )
+        # The first answer before serving; without one, the static list stands.
+        await dns.refresh(router.set_shards)
+        membership = asyncio.create_task(dns.run(router.set_shards), name="shard-membership")
+    router.start()
     app[RUNTIME] = runtime
     yield
+    if membership is not None:
+        membership.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await membership
     await drain(runtime, 0)
     await runtime.expiry.stop()
     await runtime.replayer.stop()

@@ -38,7 +38,7 @@ class Port:
 
 
 def ports(settings: Settings) -> list[Port]:
-    return [
+    found = [
         Port("store", "WADDLE_STORE_PORT", "grpc_port", settings.store_host, settings.store_port),
         Port(
             "store",
@@ -63,6 +63,18 @@ def ports(settings: Settings) -> list[Port]:
         ),
         Port("edge", "WADDLE_EDGE_PORT", "http_port", settings.edge_host, settings.edge_port),
     ]
+    if settings.edge_workers > 1:
+        # The edge's supervisor; its workers take the ports just above this one.
+        found.append(
+            Port(
+                "edge",
+                "WADDLE_EDGE_OPS_PORT",
+                "ops_port",
+                settings.edge_host,
+                settings.edge_ops_port,
+            )
+        )
+    return found
 
 
 def in_use_hint(taken: list[Port], configured: list[Port]) -> str:

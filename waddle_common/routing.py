@@ -1,10 +1,12 @@
 """Which channel shard owns a channel: rendezvous (highest random weight) hashing.
 
-Pure and deterministic, shared by the edge (to route) and the channel
-service (to refuse channels it does not own), so every process that sees
-the same shard list agrees on every owner without coordination. Adding or
-removing one shard moves only the channels that shard gains or loses
-(about 1/N of them), which is what failover and scaling need.
+Pure and deterministic, so every edge that sees the same ring (the shards
+it knows of and can reach, ``edge.shards``) agrees on every owner without
+coordination. Adding or removing one shard moves only the channels that
+shard gains or loses (about 1/N of them), and a shard's channels go to
+their next choice when it leaves: what failover, drain and scaling need.
+Shards do not consult it: they take any channel routed to them, and the
+store's fence keeps two owners from forking a channel while edges disagree.
 """
 
 from __future__ import annotations

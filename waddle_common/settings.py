@@ -32,6 +32,14 @@ def _default_edge_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     """Configuration read from ``WADDLE_*`` variables (see README)."""
 
@@ -41,6 +49,11 @@ class Settings(BaseSettings):
     edge_host: str = "127.0.0.1"
     edge_port: int = Field(8080, ge=0, le=65535)
     edge_id: str = Field(default_factory=_default_edge_id)
+    # Processes sharing the edge port (SO_REUSEPORT); "auto": one per usable core.
+    edge_workers: int = Field(1, ge=1, le=256)
+    # With several workers: the supervisor's /metrics, /healthz, /readyz;
+    # worker i's own at this port + 1 + i (0: free ports).
+    edge_ops_port: int = Field(0, ge=0, le=65535)
     jwt_secret: str = ""
     jwt_algorithms: Annotated[list[str], NoDecode] = ["HS256"]
     jwt_jwks_url: str = ""
@@ -78,6 +91,15 @@ class Settings(BaseSettings):
     channel_port: int = Field(50051, ge=0, le=65535)
     channel_metrics_port: int = Field(9101, ge=0, le=65535)
     channel_shards: Annotated[list[str], NoDecode] = ["127.0.0.1:50051"]
+    # Membership from DNS (edge.membership): SRV records of a name like
+    # "_grpc._tcp.waddle-channel.ns.svc.cluster.local", or "host:port" for
+    # its A/AAAA records. Set, it wins over channel_shards (then only the
+    # list used until the first answer).
+    channel_shards_dns: str = ""
+    channel_shards_dns_seconds: float = Field(5.0, gt=0, le=3600)
+    dns_server: str = ""  # "ip" or "ip:port" to ask instead of the system's resolver
+    shard_down_seconds: float = Field(3.0, gt=0, le=3600)
+    shard_up_seconds: float = Field(10.0, ge=0, le=3600)
     channel_max_connections: int = Field(10000, ge=1)
     user_max_connections: int = Field(10, ge=1)
     online_users_limit: int = Field(1000, ge=1)
@@ -130,6 +152,13 @@ class Settings(BaseSettings):
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("edge_workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return usable_cores()
         return value
 
     @field_validator("channel_shards")

@@ -22,9 +22,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol
 
 import orjson
+
+
+class Echo(Protocol):
+    """Where a service's output lines are copied (a terminal, a relay)."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 class ServiceFailed(RuntimeError):
@@ -80,11 +88,15 @@ async def start_service(
     env: Mapping[str, str],
     *,
     log_path: Path | None = None,
-    echo: TextIO | None = None,
+    echo: Echo | None = None,
     timeout: float = 30.0,
     on_line: Callable[[str], None] | None = None,
+    tag: bool = True,
 ) -> Service:
-    """Run ``python -m module`` with ``env`` added to this process's environment."""
+    """Run ``python -m module`` with ``env`` added to this process's environment.
+
+    ``echo`` gets each output line prefixed with ``[name]``, or as it is
+    when ``tag`` is false (a supervisor whose own output is JSON lines)."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -111,7 +123,7 @@ async def start_service(
                     log_file.write(line + "\n")
                     log_file.flush()
                 if echo is not None:
-                    echo.write(f"[{name}] {line}\n")
+                    echo.write(f"[{name}] {line}\n" if tag else f"{line}\n")
                     echo.flush()
                 if on_line is not None:
                     on_line(line)
@@ -236,12 +248,17 @@ class Supervisor:
     def __init__(
         self,
         *,
-        echo: TextIO | None = None,
+        echo: Echo | None = None,
         log: Callable[[str], None] | None = None,
         backoff: Callable[[], Backoff] = Backoff,
         ready_timeout: float = 30.0,
+        tag_lines: bool = True,
+        on_exit: Callable[[str, int], None] | None = None,
     ) -> None:
         self.echo = echo
+        self._tag = tag_lines
+        # Told (name, return code) of every unexpected exit, before the restart.
+        self._on_exit = on_exit
         self._log = log or (lambda line: print(line, flush=True))
         self._backoff = backoff
         self._ready_timeout = ready_timeout
@@ -262,7 +279,7 @@ class Supervisor:
         self, name: str, module: str, env: Mapping[str, str], *, pin: Mapping[str, str]
     ) -> Service:
         service = await start_service(
-            name, module, env, echo=self.echo, timeout=self._ready_timeout
+            name, module, env, echo=self.echo, timeout=self._ready_timeout, tag=self._tag
         )
         pinned = {**env, **{var: str(service.port(key)) for key, var in pin.items()}}
         watched = _Watched(name, module, pinned, service, self._backoff(), time.monotonic())
@@ -286,6 +303,8 @@ class Supervisor:
                 return
             ran_for = time.monotonic() - watched.started_at
             delay = watched.backoff.next_delay(ran_for)
+            if self._on_exit is not None:
+                self._on_exit(watched.name, returncode)
             self.log(
                 f"{watched.name} (pid {watched.service.pid}) {describe_exit(returncode)} "
                 f"after {ran_for:.1f} s; restarting it in {delay:g} s"
@@ -299,6 +318,7 @@ class Supervisor:
                         watched.env,
                         echo=self.echo,
                         timeout=self._ready_timeout,
+                        tag=self._tag,
                     )
                 except ServiceFailed as exc:
                     delay = watched.backoff.next_delay(time.monotonic() - watched.started_at)
@@ -309,14 +329,20 @@ class Supervisor:
             else:
                 return
 
-    async def stop(self, timeout: float = 15.0) -> None:
-        """End every restart, then stop the services, the last started first."""
+    async def stop(self, timeout: float = 15.0, *, together: bool = False) -> None:
+        """End every restart, then stop the services, the last started first
+        (or all at once with ``together``: peers that drain side by side)."""
         self.stopping.set()
         for watched in self._watched:
             if watched.task is not None:
                 watched.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watched.task
+        if together:
+            await asyncio.gather(
+                *(w.service.stop(timeout=timeout) for w in self._watched), return_exceptions=True
+            )
+            return
         for watched in reversed(self._watched):
             with contextlib.suppress(Exception):
                 await watched.service.stop(timeout=timeout)

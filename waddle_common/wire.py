@@ -203,18 +203,22 @@ def initial_state_frame(
     *,
     channel_id: str,
     messages: Iterable[Mapping[str, Any]],
-    online_users: Iterable[Mapping[str, Any]],
+    online_users: Iterable[Mapping[str, Any]] | bytes,
     online_count: int,
     last_seq: int,
     read_seq: int = 0,
 ) -> bytes:
     """``read_seq``: the joiner's read cursor when the owner knows it (the
-    user has another connection here); the edge adds what the store knows."""
+    user has another connection here); the edge adds what the store knows.
+    ``online_users`` may come encoded already (a JSON array), as the channel
+    owner keeps it."""
     body: dict[str, Any] = {
         "type": "initial_state",
         "channelId": channel_id,
         "messages": list(messages),
-        "onlineUsers": list(online_users),
+        "onlineUsers": (
+            orjson.Fragment(online_users) if isinstance(online_users, bytes) else list(online_users)
+        ),
         "onlineCount": online_count,
         "lastSeq": last_seq,
     }

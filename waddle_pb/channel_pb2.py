@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17waddle_pb/channel.proto\x12\x11waddle.channel.v1\"9\n\tEdgeBatch\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.waddle.channel.v1.EdgeEvent\"\xfd\x02\n\tEdgeEvent\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.waddle.channel.v1.HelloH\x00\x12\'\n\x04join\x18\x02 \x01(\x0b\x32\x17.waddle.channel.v1.JoinH\x00\x12)\n\x05leave\x18\x03 \x01(\x0b\x32\x18.waddle.channel.v1.LeaveH\x00\x12-\n\x07publish\x18\x04 \x01(\x0b\x32\x1a.waddle.channel.v1.PublishH\x00\x12+\n\x06typing\x18\x05 \x01(\x0b\x32\x19.waddle.channel.v1.TypingH\x00\x12/\n\x08presence\x18\x06 \x01(\x0b\x32\x1b.waddle.channel.v1.PresenceH\x00\x12\'\n\x04read\x18\x07 \x01(\x0b\x32\x17.waddle.channel.v1.ReadH\x00\x12\x33\n\nrehydrated\x18\x08 \x01(\x0b\x32\x1d.waddle.channel.v1.RehydratedH\x00\x42\x06\n\x04kind\"\x18\n\x05Hello\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\"z\n\x06Member\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\navatar_url\x18\x03 \x01(\t\x12\x13\n\x0bpermissions\x18\x04 \x03(\t\x12\x14\n\x0cjoined_at_ms\x18\x05 \x01(\x03\x12\x0e\n\x06status\x18\x06 \x01(\t\"f\n\x04Join\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12)\n\x06member\x18\x03 \x01(\x0b\x32\x19.waddle.channel.v1.Member\x12\x0e\n\x06rejoin\x18\x04 \x01(\x08\",\n\x05Leave\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\"\x9d\x01\n\x07Publish\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x11\n\tthread_id\x18\x04 \x01(\t\x12\x15\n\rclient_msg_id\x18\x05 \x01(\t\x12\x1a\n\x12\x63lient_supplied_id\x18\x06 \x01(\x08\x12\x16\n\x0ereceived_at_ns\x18\x07 \x01(\x03\"@\n\x06Typing\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x11\n\tis_typing\x18\x03 \x01(\x08\"?\n\x08Presence\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\"8\n\x04Read\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"J\n\nRehydrated\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12(\n\x07members\x18\x02 \x03(\x0b\x32\x17.waddle.channel.v1.Join\";\n\nShardBatch\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.waddle.channel.v1.ShardEvent\"\x80\x02\n\nShardEvent\x12\x34\n\x0bjoin_result\x18\x01 \x01(\x0b\x32\x1d.waddle.channel.v1.JoinResultH\x00\x12-\n\x07\x64\x65liver\x18\x02 \x01(\x0b\x32\x1a.waddle.channel.v1.DeliverH\x00\x12)\n\x05reply\x18\x03 \x01(\x0b\x32\x18.waddle.channel.v1.ReplyH\x00\x12\x31\n\trehydrate\x18\x04 \x01(\x0b\x32\x1c.waddle.channel.v1.RehydrateH\x00\x12\'\n\x04head\x18\x05 \x01(\x0b\x32\x17.waddle.channel.v1.HeadH\x00\x42\x06\n\x04kind\"w\n\nJoinResult\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x0f\n\x07refusal\x18\x04 \x01(\t\x12\x15\n\rinitial_state\x18\x05 \x01(\x0c\x12\x10\n\x08last_seq\x18\x06 \x01(\x04\"\x8d\x01\n\x07\x44\x65liver\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x17\n\x0f\x65xclude_user_id\x18\x04 \x01(\t\x12\x16\n\x0ereceived_at_ns\x18\x05 \x01(\x03\x12\x11\n\tephemeral\x18\x06 \x01(\x08\x12\x0c\n\x04type\x18\x07 \x01(\t\"q\n\x05Reply\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x15\n\rclient_msg_id\x18\x04 \x01(\t\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12\x0c\n\x04type\x18\x06 \x01(\t\"\x1f\n\tRehydrate\x12\x12\n\nchannel_id\x18\x01 \x01(\t\",\n\x04Head\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x32[\n\x0e\x43hannelService\x12I\n\x06\x41ttach\x12\x1c.waddle.channel.v1.EdgeBatch\x1a\x1d.waddle.channel.v1.ShardBatch(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17waddle_pb/channel.proto\x12\x11waddle.channel.v1\"9\n\tEdgeBatch\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.waddle.channel.v1.EdgeEvent\"\xfd\x02\n\tEdgeEvent\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.waddle.channel.v1.HelloH\x00\x12\'\n\x04join\x18\x02 \x01(\x0b\x32\x17.waddle.channel.v1.JoinH\x00\x12)\n\x05leave\x18\x03 \x01(\x0b\x32\x18.waddle.channel.v1.LeaveH\x00\x12-\n\x07publish\x18\x04 \x01(\x0b\x32\x1a.waddle.channel.v1.PublishH\x00\x12+\n\x06typing\x18\x05 \x01(\x0b\x32\x19.waddle.channel.v1.TypingH\x00\x12/\n\x08presence\x18\x06 \x01(\x0b\x32\x1b.waddle.channel.v1.PresenceH\x00\x12\'\n\x04read\x18\x07 \x01(\x0b\x32\x17.waddle.channel.v1.ReadH\x00\x12\x33\n\nrehydrated\x18\x08 \x01(\x0b\x32\x1d.waddle.channel.v1.RehydratedH\x00\x42\x06\n\x04kind\"\x18\n\x05Hello\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\"z\n\x06Member\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\navatar_url\x18\x03 \x01(\t\x12\x13\n\x0bpermissions\x18\x04 \x03(\t\x12\x14\n\x0cjoined_at_ms\x18\x05 \x01(\x03\x12\x0e\n\x06status\x18\x06 \x01(\t\"x\n\x04Join\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12)\n\x06member\x18\x03 \x01(\x0b\x32\x19.waddle.channel.v1.Member\x12\x0e\n\x06rejoin\x18\x04 \x01(\x08\x12\x10\n\x08seen_seq\x18\x05 \x01(\x04\";\n\x05Leave\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\r\n\x05moved\x18\x03 \x01(\x08\"\x9d\x01\n\x07Publish\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x11\n\tthread_id\x18\x04 \x01(\t\x12\x15\n\rclient_msg_id\x18\x05 \x01(\t\x12\x1a\n\x12\x63lient_supplied_id\x18\x06 \x01(\x08\x12\x16\n\x0ereceived_at_ns\x18\x07 \x01(\x03\"@\n\x06Typing\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x11\n\tis_typing\x18\x03 \x01(\x08\"?\n\x08Presence\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\"8\n\x04Read\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"J\n\nRehydrated\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12(\n\x07members\x18\x02 \x03(\x0b\x32\x17.waddle.channel.v1.Join\";\n\nShardBatch\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.waddle.channel.v1.ShardEvent\"\xe0\x02\n\nShardEvent\x12\x34\n\x0bjoin_result\x18\x01 \x01(\x0b\x32\x1d.waddle.channel.v1.JoinResultH\x00\x12-\n\x07\x64\x65liver\x18\x02 \x01(\x0b\x32\x1a.waddle.channel.v1.DeliverH\x00\x12)\n\x05reply\x18\x03 \x01(\x0b\x32\x18.waddle.channel.v1.ReplyH\x00\x12\x31\n\trehydrate\x18\x04 \x01(\x0b\x32\x1c.waddle.channel.v1.RehydrateH\x00\x12\'\n\x04head\x18\x05 \x01(\x0b\x32\x17.waddle.channel.v1.HeadH\x00\x12-\n\x07welcome\x18\x06 \x01(\x0b\x32\x1a.waddle.channel.v1.WelcomeH\x00\x12/\n\x08\x64raining\x18\x07 \x01(\x0b\x32\x1b.waddle.channel.v1.DrainingH\x00\x42\x06\n\x04kind\"w\n\nJoinResult\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x0f\n\x07refusal\x18\x04 \x01(\t\x12\x15\n\rinitial_state\x18\x05 \x01(\x0c\x12\x10\n\x08last_seq\x18\x06 \x01(\x04\"\x8d\x01\n\x07\x44\x65liver\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x17\n\x0f\x65xclude_user_id\x18\x04 \x01(\t\x12\x16\n\x0ereceived_at_ns\x18\x05 \x01(\x03\x12\x11\n\tephemeral\x18\x06 \x01(\x08\x12\x0c\n\x04type\x18\x07 \x01(\t\"q\n\x05Reply\x12\x0f\n\x07\x63onn_id\x18\x01 \x01(\x04\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x15\n\rclient_msg_id\x18\x04 \x01(\t\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12\x0c\n\x04type\x18\x06 \x01(\t\"\x1f\n\tRehydrate\x12\x12\n\nchannel_id\x18\x01 \x01(\t\",\n\x04Head\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"\x1b\n\x07Welcome\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"\x1f\n\x08\x44raining\x12\x13\n\x0b\x63hannel_ids\x18\x01 \x03(\t2[\n\x0e\x43hannelService\x12I\n\x06\x41ttach\x12\x1c.waddle.channel.v1.EdgeBatch\x1a\x1d.waddle.channel.v1.ShardBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,33 +40,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBER']._serialized_start=515
   _globals['_MEMBER']._serialized_end=637
   _globals['_JOIN']._serialized_start=639
-  _globals['_JOIN']._serialized_end=741
-  _globals['_LEAVE']._serialized_start=743
-  _globals['_LEAVE']._serialized_end=787
-  _globals['_PUBLISH']._serialized_start=790
-  _globals['_PUBLISH']._serialized_end=947
-  _globals['_TYPING']._serialized_start=949
-  _globals['_TYPING']._serialized_end=1013
-  _globals['_PRESENCE']._serialized_start=1015
-  _globals['_PRESENCE']._serialized_end=1078
-  _globals['_READ']._serialized_start=1080
-  _globals['_READ']._serialized_end=1136
-  _globals['_REHYDRATED']._serialized_start=1138
-  _globals['_REHYDRATED']._serialized_end=1212
-  _globals['_SHARDBATCH']._serialized_start=1214
-  _globals['_SHARDBATCH']._serialized_end=1273
-  _globals['_SHARDEVENT']._serialized_start=1276
-  _globals['_SHARDEVENT']._serialized_end=1532
-  _globals['_JOINRESULT']._serialized_start=1534
-  _globals['_JOINRESULT']._serialized_end=1653
-  _globals['_DELIVER']._serialized_start=1656
-  _globals['_DELIVER']._serialized_end=1797
-  _globals['_REPLY']._serialized_start=1799
-  _globals['_REPLY']._serialized_end=1912
-  _globals['_REHYDRATE']._serialized_start=1914
-  _globals['_REHYDRATE']._serialized_end=1945
-  _globals['_HEAD']._serialized_start=1947
-  _globals['_HEAD']._serialized_end=1991
-  _globals['_CHANNELSERVICE']._serialized_start=1993
-  _globals['_CHANNELSERVICE']._serialized_end=2084
+  _globals['_JOIN']._serialized_end=759
+  _globals['_LEAVE']._serialized_start=761
+  _globals['_LEAVE']._serialized_end=820
+  _globals['_PUBLISH']._serialized_start=823
+  _globals['_PUBLISH']._serialized_end=980
+  _globals['_TYPING']._serialized_start=982
+  _globals['_TYPING']._serialized_end=1046
+  _globals['_PRESENCE']._serialized_start=1048
+  _globals['_PRESENCE']._serialized_end=1111
+  _globals['_READ']._serialized_start=1113
+  _globals['_READ']._serialized_end=1169
+  _globals['_REHYDRATED']._serialized_start=1171
+  _globals['_REHYDRATED']._serialized_end=1245
+  _globals['_SHARDBATCH']._serialized_start=1247
+  _globals['_SHARDBATCH']._serialized_end=1306
+  _globals['_SHARDEVENT']._serialized_start=1309
+  _globals['_SHARDEVENT']._serialized_end=1661
+  _globals['_JOINRESULT']._serialized_start=1663
+  _globals['_JOINRESULT']._serialized_end=1782
+  _globals['_DELIVER']._serialized_start=1785
+  _globals['_DELIVER']._serialized_end=1926
+  _globals['_REPLY']._serialized_start=1928
+  _globals['_REPLY']._serialized_end=2041
+  _globals['_REHYDRATE']._serialized_start=2043
+  _globals['_REHYDRATE']._serialized_end=2074
+  _globals['_HEAD']._serialized_start=2076
+  _globals['_HEAD']._serialized_end=2120
+  _globals['_WELCOME']._serialized_start=2122
+  _globals['_WELCOME']._serialized_end=2149
+  _globals['_DRAINING']._serialized_start=2151
+  _globals['_DRAINING']._serialized_end=2182
+  _globals['_CHANNELSERVICE']._serialized_start=2184
+  _globals['_CHANNELSERVICE']._serialized_end=2275
 # @@protoc_insertion_point(module_scope)

@@ -170,6 +170,7 @@ class Join(_message.Message):
     CHANNEL_ID_FIELD_NUMBER: _builtins.int
     MEMBER_FIELD_NUMBER: _builtins.int
     REJOIN_FIELD_NUMBER: _builtins.int
+    SEEN_SEQ_FIELD_NUMBER: _builtins.int
     conn_id: _builtins.int
     """unique within the edge"""
     channel_id: _builtins.str
@@ -177,6 +178,11 @@ class Join(_message.Message):
     """A re-registration after a broken stream or a shard restart: the shard
     restores the member without presence broadcasts and without a
     JoinResult-gated capacity refusal.
+    """
+    seen_seq: _builtins.int
+    """The highest seq the connection has been delivered. A re-registration
+    ahead of the owner's head means another owner committed meanwhile (the
+    edges disagreed for a moment): the owner catches up from the store.
     """
     @_builtins.property
     def member(self) -> Global___Member: ...
@@ -187,10 +193,11 @@ class Join(_message.Message):
         channel_id: _builtins.str = ...,
         member: Global___Member | None = ...,
         rejoin: _builtins.bool = ...,
+        seen_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "conn_id", b"conn_id", "member", b"member", "rejoin", b"rejoin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "conn_id", b"conn_id", "member", b"member", "rejoin", b"rejoin", "seen_seq", b"seen_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -202,17 +209,24 @@ class Leave(_message.Message):
 
     CONN_ID_FIELD_NUMBER: _builtins.int
     CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    MOVED_FIELD_NUMBER: _builtins.int
     conn_id: _builtins.int
     channel_id: _builtins.str
+    moved: _builtins.bool
+    """The connection did not leave: its channel moved to another shard (the
+    edge re-registered it there). The owner forgets it without a word: no
+    typing stop, no linger, no user_disconnected.
+    """
     def __init__(
         self,
         *,
         conn_id: _builtins.int = ...,
         channel_id: _builtins.str = ...,
+        moved: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "conn_id", b"conn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "conn_id", b"conn_id", "moved", b"moved"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -398,6 +412,8 @@ class ShardEvent(_message.Message):
     REPLY_FIELD_NUMBER: _builtins.int
     REHYDRATE_FIELD_NUMBER: _builtins.int
     HEAD_FIELD_NUMBER: _builtins.int
+    WELCOME_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def join_result(self) -> Global___JoinResult: ...
     @_builtins.property
@@ -408,6 +424,10 @@ class ShardEvent(_message.Message):
     def rehydrate(self) -> Global___Rehydrate: ...
     @_builtins.property
     def head(self) -> Global___Head: ...
+    @_builtins.property
+    def welcome(self) -> Global___Welcome: ...
+    @_builtins.property
+    def draining(self) -> Global___Draining: ...
     def __init__(
         self,
         *,
@@ -416,12 +436,14 @@ class ShardEvent(_message.Message):
         reply: Global___Reply | None = ...,
         rehydrate: Global___Rehydrate | None = ...,
         head: Global___Head | None = ...,
+        welcome: Global___Welcome | None = ...,
+        draining: Global___Draining | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "head", b"head", "join_result", b"join_result", "kind", b"kind", "rehydrate", b"rehydrate", "reply", b"reply"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "draining", b"draining", "head", b"head", "join_result", b"join_result", "kind", b"kind", "rehydrate", b"rehydrate", "reply", b"reply", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "head", b"head", "join_result", b"join_result", "kind", b"kind", "rehydrate", b"rehydrate", "reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliver", b"deliver", "draining", b"draining", "head", b"head", "join_result", b"join_result", "kind", b"kind", "rehydrate", b"rehydrate", "reply", b"reply", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["join_result", "deliver", "reply", "rehydrate", "head"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["join_result", "deliver", "reply", "rehydrate", "head", "welcome", "draining"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -597,3 +619,57 @@ class Head(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Head: _TypeAlias = Head  # noqa: Y015
+
+@_typing.final
+class Welcome(_message.Message):
+    """The first event of every Attach stream: the shard took the stream. An edge
+    counts a shard as reachable only once it has welcomed a stream, so a port
+    that accepts connections but serves nothing is not mistaken for a shard.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRAINING_FIELD_NUMBER: _builtins.int
+    draining: _builtins.bool
+    """The shard is draining (see Draining): route none of its channels to it."""
+    def __init__(
+        self,
+        *,
+        draining: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class Draining(_message.Message):
+    """The shard is giving channels up (it is shutting down). Every publish it
+    took for them is settled (its acks precede this event on the stream); it
+    takes no more publishes or joins for them and answers none. The edge
+    re-routes them to their next owner, re-sending its unsettled publishes
+    there with their idempotency keys, and then ends this stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def channel_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty: every channel"""
+
+    def __init__(
+        self,
+        *,
+        channel_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_ids", b"channel_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Draining: _TypeAlias = Draining  # noqa: Y015

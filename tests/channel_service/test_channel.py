@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from channel_service.channel import Channel, ChannelPolicy, Conn
+from channel_service.channel import Channel, ChannelPolicy, Conn, RecentWindow
 from waddle_pb import channel_pb2, store_pb2
 
 
@@ -229,6 +229,63 @@ def test_joiner_leads_online_users_below_the_cap_too() -> None:
     assert [u["userId"] for u in state["onlineUsers"]] == ["ann", "bob"]
 
 
+def _online(ch: Channel, first: str) -> list[dict[str, Any]]:
+    """The channel's encoded ``onlineUsers`` for joiner ``first``, decoded."""
+    users: list[dict[str, Any]] = orjson.loads(ch.online_users(first))
+    return users
+
+
+def _expected(ch: Channel, first: str) -> list[dict[str, Any]]:
+    """``onlineUsers`` built from scratch out of the live users."""
+    users = list(ch.users.values())
+    ordered = [u for u in users if u.user_id == first] + [u for u in users if u.user_id != first]
+    return [
+        {
+            "userId": u.user_id,
+            "username": u.username,
+            "joinedAt": u.joined_at_ms,
+            "status": u.status,
+        }
+        for u in ordered[: ch.policy.online_users_limit]
+    ]
+
+
+def test_encoded_online_users_follow_every_change() -> None:
+    ch, rec = make_channel(max_connections=100), Recorder()
+
+    def check(what: str) -> None:
+        for first in ["", "nobody", *ch.users]:
+            assert _online(ch, first) == _expected(ch, first), f"{what}, joiner {first!r}"
+
+    check("empty channel")
+    for i, user in enumerate(["ann", "bob"], start=1):
+        ch.join(conn("e1", i, user), rejoin=False, emit=rec)
+        check(f"{user} joined")
+        state = orjson.loads(rec.results[-1][1].initial_state)
+        assert state["onlineUsers"] == _expected(ch, user), "initial_state carries the listing"
+    ch.set_presence("e1", 1, "away", rec)
+    check("ann went away")
+    for i, user in enumerate(["cat", "dan", "eve"], start=3):  # past the limit of 3
+        ch.join(conn("e1", i, user), rejoin=False, emit=rec)
+        check(f"{user} joined")
+    assert [u["userId"] for u in _online(ch, "eve")] == ["eve", "ann", "bob"]
+    ch.set_presence("e1", 2, "dnd", rec)
+    check("bob busy")
+    ch.leave("e1", 1, rec)
+    check("ann left")
+    assert [u["userId"] for u in _online(ch, "eve")] == ["eve", "bob", "cat"]
+    ch.join(conn("e2", 9, "bob"), rejoin=True, emit=rec)
+    ch.restore_user("bob", status="online", joined_at_ms=5)
+    check("bob restored")
+    ch.users["cat"].username = "Catherine"
+    check("cat renamed")
+    del ch.users["bob"]  # as a shard forgets a user whose channel moved away
+    check("bob forgotten")
+    ch.join(conn("e1", 1, "ann"), rejoin=False, emit=rec)
+    check("ann came back, last")
+    assert [u["userId"] for u in _online(ch, "ann")] == ["ann", "cat", "dan"]
+
+
 def test_every_frame_about_the_channel_carries_its_id() -> None:
     ch, rec = make_channel(), Recorder()
     ch.join(conn("e1", 1, "ann"), rejoin=False, emit=rec)
@@ -398,3 +455,34 @@ def test_a_commit_moves_each_senders_cursor_once_to_its_newest_message() -> None
     reads = sorted((edge, cid, r["seq"]) for edge, cid, r, _ in rec.replies if r["type"] == "read")
     # ann's newest came from e2/2: her other connections hear of seq 3.
     assert reads == [("e1", 1, 3), ("e1", 3, 3)]
+
+
+def test_the_recent_window_keeps_the_newest_messages_encoded_in_one_buffer() -> None:
+    window = RecentWindow(3)
+    bodies = [{"seq": i, "content": f"m{i}", "text": 'é\n"q"'} for i in range(1, 6)]
+    for body in bodies:
+        window.append(body)
+    assert len(window) == 3
+    assert list(window) == bodies[2:] and window[0] == bodies[2] and window[-1] == bodies[4]
+    # Spliced into a frame unchanged: the same bytes as the bodies themselves.
+    assert orjson.dumps({"m": window.fragments()}) == orjson.dumps({"m": bodies[2:]})
+    ch = Channel.from_state(
+        store_pb2.ChannelState(
+            channel_id="c9",
+            last_seq=2,
+            recent=[
+                store_pb2.StoredMessage(id=f"id{i}", seq=i, channel_id="c9", content=f"s{i}")
+                for i in (1, 2)
+            ],
+        ),
+        default_max=10,
+        policy=ChannelPolicy(recent_limit=2),
+    )
+    rec = Recorder()
+    ch.join(conn("e1", 1, "ann"), rejoin=False, emit=rec)
+    ((_, result),) = rec.results
+    state = orjson.loads(result.initial_state)
+    assert [(m["seq"], m["content"], m["channelId"]) for m in state["messages"]] == [
+        (1, "s1", "c9"),
+        (2, "s2", "c9"),
+    ]

@@ -47,9 +47,14 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     },
     "everything-on": {
         "monitoring": {"enabled": True},
-        "metrics": {"serviceMonitor": {"enabled": True}},
+        "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     },
     "many-shards": {"channel": {"replicas": 7}, "imagePullSecrets": [{"name": "regcred"}]},
+    "edge-workers": {
+        "edge": {"workers": 4},
+        "monitoring": {"enabled": True},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    },
 }
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet")

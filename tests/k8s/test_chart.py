@@ -281,7 +281,7 @@ def test_settings_changes_roll_the_pods() -> None:
         {
             "jwt": {"secret": "a" * 40},
             "postgresql": {"auth": {"password": "p"}},
-            "channel": {"replicas": 3},
+            "config": {"heartbeatSeconds": 31},
         }
     )
     for kind, name in [

@@ -44,6 +44,11 @@ DOCUMENTED = {
         "waddle_channel_broadcast_edges",
         "waddle_channel_edge_streams",
         "waddle_channel_stream_reconnects_total",
+        "waddle_channel_hibernated_channels",
+        "waddle_channel_hibernations_total",
+        "waddle_channel_wakes_total",
+        "waddle_channel_wake_seconds",
+        "waddle_channel_loads_total",
         # Its only server method is the Attach stream, which is not a latency:
         # the server histogram covers unary methods (the store's).
         "waddle_grpc_client_seconds",

@@ -141,7 +141,9 @@ def test_waddle_containers_run_the_documented_entrypoints(value_set: str) -> Non
 def test_shard_list_is_exactly_the_statefulset_pods(
     replicas: int, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rendered = render({"channel": {"replicas": replicas}}, namespace=namespace)
+    rendered = render(
+        {"channel": {"replicas": replicas, "membership": "static"}}, namespace=namespace
+    )
     sts = rendered.get("StatefulSet", f"{FULL}-channel")
     assert sts["spec"]["replicas"] == replicas
     headless = rendered.get("Service", sts["spec"]["serviceName"])

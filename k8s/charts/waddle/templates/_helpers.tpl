@@ -74,7 +74,10 @@ the replica count here and nowhere else.
 {{- $headless := include "waddle.channel.headless" . }}
 {{- $domain := include "waddle.svcDomain" . }}
 {{- $shards := list }}
-{{- range $i := until (int .Values.channel.replicas) }}
+{{- /* With DNS membership this is only the edges' list until DNS answers: pod 0
+alone, so that scaling the StatefulSet changes no ConfigMap and rolls no edge. */}}
+{{- $count := ternary 1 (int .Values.channel.replicas) (eq .Values.channel.membership "dns") }}
+{{- range $i := until $count }}
 {{- $shards = append $shards (printf "%s-channel-%d.%s.%s:%d" $fullname $i $headless $domain (int $.Values.channel.port)) }}
 {{- end }}
 {{- join "," $shards }}
