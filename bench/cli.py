@@ -2,8 +2,11 @@
 
 Runs the selected scenarios against the selected systems, one system at a
 time (a fresh start of the system for each scenario group, so one overload
-does not leak into the next), writes ``results.json``, ``results.md`` and
-PNG plots under ``--out`` and prints the tables. ``--smoke`` is the few-second
+does not leak into the next), the whole set ``--runs`` times (default 3:
+every figure is the median of the runs, with min-max beside it, and every
+floor is measured in the same runs as Waddle), writes ``results.json``,
+``results.md`` and PNG plots under ``--out`` and prints the tables.
+``--smoke`` is the few-second
 CI run: Waddle only, tiny sizes, one start of the stack; it exits non-zero
 when no message was delivered.
 
@@ -31,12 +34,22 @@ from typing import Any
 
 import orjson
 
-from bench import report, scenarios, systems
+from bench import huge_channel, report, scenarios, stats, systems
 from bench.driver import LoadError, Progress
 from bench.scenarios import Config, Context
 from waddle_common.supervise import ServiceFailed
 
-SCENARIOS = ("fanout", "throughput", "many-channels", "connect", "idle", "replay", "hibernation")
+SCENARIOS = (
+    "fanout",
+    "throughput",
+    "join-storm",
+    "many-channels",
+    "connect",
+    "idle",
+    "replay",
+    "hibernation",
+    "huge-channel",
+)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -57,9 +70,25 @@ def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="few-second CI run against Waddle only")
+    p.add_argument(
+        "--runs",
+        type=_positive,
+        default=None,
+        help="repetitions of the whole run; figures are medians with min-max (default 3, smoke 1)",
+    )
     p.add_argument("--systems", type=_names(systems.SYSTEMS), default=list(systems.SYSTEMS))
     p.add_argument("--scenarios", type=_names(SCENARIOS), default=list(SCENARIOS))
     p.add_argument(
@@ -75,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="fanout publishes per second")
     p.add_argument("--step", type=float, default=None, help="throughput step seconds")
     p.add_argument("--throughput-members", type=int, default=None)
+    p.add_argument(
+        "--throughput-users",
+        type=int,
+        default=None,
+        help="distinct users among the throughput receivers (0, the default: one each)",
+    )
+    p.add_argument("--storm-members", type=int, default=None, help="join-storm: members before")
+    p.add_argument("--storm-joiners", type=int, default=None, help="join-storm: users joining")
+    p.add_argument("--storm-within", type=float, default=None, help="join-storm: seconds")
+    p.add_argument("--storm-rate", type=float, default=None, help="join-storm: msg/s")
     p.add_argument("--throughput-start", type=float, default=None, help="first ramp rate (msg/s)")
     p.add_argument("--many-channels", type=int, default=None)
     p.add_argument("--many-members", type=int, default=None)
@@ -92,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hib-wake-channels", type=int, default=None)
     p.add_argument("--hib-runs", type=int, default=None, help="hibernation: repetitions")
+    p.add_argument("--huge-members", type=int, default=None, help="huge-channel: members")
+    p.add_argument("--huge-runs", type=int, default=None, help="huge-channel: repetitions")
+    p.add_argument(
+        "--huge-edge-workers", type=int, default=None, help="huge-channel: WADDLE_EDGE_WORKERS"
+    )
     p.add_argument(
         "--workers", type=int, default=None, help="load-generator processes (receivers split)"
     )
@@ -140,6 +184,17 @@ def make_config(args: argparse.Namespace) -> Config:
             hib_wake_channels=10,
             hib_wake_rate=20.0,
             hib_runs=1,
+            huge_members=30,
+            huge_runs=1,
+            huge_duration=1.0,
+            huge_rate=2.0,
+            huge_settle=0.5,
+            huge_loadgen_workers=2,
+            storm_members=10,
+            storm_joiners=20,
+            storm_within=1.0,
+            storm_rate=20.0,
+            storm_steady=1.0,
             drain=3.0,
             connect_timeout=30.0,
         )
@@ -151,6 +206,11 @@ def make_config(args: argparse.Namespace) -> Config:
         "fanout_users": args.fanout_users,
         "throughput_step": args.step,
         "throughput_members": args.throughput_members,
+        "throughput_users": args.throughput_users,
+        "storm_members": args.storm_members,
+        "storm_joiners": args.storm_joiners,
+        "storm_within": args.storm_within,
+        "storm_rate": args.storm_rate,
         "throughput_start": args.throughput_start,
         "many_channels": args.many_channels,
         "many_members": args.many_members,
@@ -164,6 +224,9 @@ def make_config(args: argparse.Namespace) -> Config:
         "hib_idle": args.hib_idle,
         "hib_wake_channels": args.hib_wake_channels,
         "hib_runs": args.hib_runs,
+        "huge_members": args.huge_members,
+        "huge_runs": args.huge_runs,
+        "huge_edge_workers": args.huge_edge_workers,
         "workers": args.workers,
         "connect_timeout": args.connect_timeout,
     }
@@ -252,15 +315,19 @@ def _groups(selected: list[str], cfg: Config) -> list[tuple[str, Group]]:
         out.append(("many-channels", scenarios.many_channels))
     if "throughput" in selected:
         out.append(("throughput", scenarios.throughput))
+    if "join-storm" in selected:
+        out.append(("join-storm", scenarios.join_storm))
     if "replay" in selected:
         out.append(("replay", scenarios.replay))
     if "hibernation" in selected:
         out.append(("hibernation", _no_shared_system))
+    if "huge-channel" in selected:
+        out.append(("huge-channel", _no_shared_system))
     return out
 
 
 async def _no_shared_system(system: systems.System, ctx: Context) -> dict[str, Any]:
-    raise AssertionError("the hibernation scenario starts its own systems")
+    raise AssertionError("the hibernation and huge-channel scenarios start their own systems")
 
 
 def _launcher(name: str, tmp: Path, database_url: str | None) -> scenarios.Launcher:
@@ -284,9 +351,17 @@ def _say(ctx: Context, result: dict[str, Any]) -> None:
         )
 
 
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = make_config(args)
     selected_systems = ["waddle"] if args.smoke else args.systems
+    runs_wanted = args.runs or (1 if args.smoke else 3)
     progress = Progress(enabled=not args.quiet)
     out: Path = args.out
     os.makedirs(out, exist_ok=True)
@@ -295,62 +370,99 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": cfg.as_dict(),
         "smoke": bool(args.smoke),
         "database": "postgresql" if args.database_url else "sqlite",
-        "systems": {},
+        "runs": [],
+        "load": [],
     }
     groups = _groups(args.scenarios, cfg)
     started = time.monotonic()
+    profile_seconds = cfg.profile_seconds
     with tempfile.TemporaryDirectory(prefix="waddle-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        for name in selected_systems:
-            per: dict[str, Any] = {"label": systems.LABELS[name]}
-            results["systems"][name] = per
-            shared: contextlib.AsyncExitStack | None = None
-            shared_system: systems.System | None = None
-            if args.smoke:
-                shared = contextlib.AsyncExitStack()
-                shared_system = await shared.enter_async_context(
-                    systems.launch(name, tmp / name, args.database_url)
-                )
-            try:
-                for scenario, fn in groups:
-                    if scenario == "replay" and name != "waddle":
-                        per["replay"] = {"error": "not applicable (no persistence)"}
-                        continue
-                    progress.prefix = f"{name} {scenario}"
-                    progress.show("starting", force=True)
-                    t0 = time.monotonic()
-                    try:
-                        if scenario == "hibernation":
-                            per[scenario] = await scenarios.hibernation(
-                                name,
-                                Context(cfg, progress, tmp / "load"),
-                                _launcher(name, tmp / f"{name}-{scenario}", args.database_url),
-                            )
-                        elif shared_system is not None and shared_system.alive():
-                            ctx = Context(cfg, progress, tmp / "load")
-                            per[scenario] = await fn(shared_system, ctx)
-                        else:
-                            async with systems.launch(
-                                name, tmp / f"{name}-{scenario}", args.database_url
-                            ) as system:
-                                if name == "waddle":
-                                    per["database"] = system.database
-                                ctx = Context(cfg, progress, tmp / "load")
-                                per[scenario] = await fn(system, ctx)
-                    except (LoadError, ServiceFailed, OSError) as exc:
-                        per[scenario] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
-                    per[scenario]["elapsed_s"] = round(time.monotonic() - t0, 1)
-                    progress.prefix = f"{name} {scenario}"
-                    if scenario != "fanout":
-                        _say(Context(cfg, progress, tmp), per[scenario])
-                    progress.done(f"done in {per[scenario]['elapsed_s']:.0f}s")
-            finally:
-                if shared is not None:
-                    await shared.aclose()
+        for r in range(runs_wanted):
+            # The profile is taken once (first run); it perturbs the step it samples.
+            cfg.profile_seconds = profile_seconds if r == 0 else 0.0
+            load_start = _loadavg()
+            one = await _one_run(args, cfg, selected_systems, groups, progress, tmp / f"run{r}", r)
+            results["runs"].append(one)
+            results["load"].append({"run": r + 1, "start": load_start, "end": _loadavg()})
+    cfg.profile_seconds = profile_seconds
+    view = stats.merge_runs(results["runs"])
+    results["systems"] = stats.plain(view)
+    results["spread"] = stats.plain(view, spread=True)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     if cfg.profile_dir is not None:
         results["profile"] = report.profile_summaries(cfg.profile_dir)
     return results
+
+
+async def _one_run(
+    args: argparse.Namespace,
+    cfg: Config,
+    selected_systems: list[str],
+    groups: list[tuple[str, Group]],
+    progress: Progress,
+    tmp: Path,
+    index: int,
+) -> dict[str, Any]:
+    """Every selected system through every selected scenario, once."""
+    runs_wanted = args.runs or (1 if args.smoke else 3)
+    tag = f" run {index + 1}/{runs_wanted}" if runs_wanted > 1 else ""
+    out: dict[str, Any] = {}
+    for name in selected_systems:
+        per: dict[str, Any] = {"label": systems.LABELS[name]}
+        out[name] = per
+        shared: contextlib.AsyncExitStack | None = None
+        shared_system: systems.System | None = None
+        if args.smoke:
+            shared = contextlib.AsyncExitStack()
+            shared_system = await shared.enter_async_context(
+                systems.launch(name, tmp / name, args.database_url)
+            )
+        try:
+            for scenario, fn in groups:
+                if scenario == "replay" and name != "waddle":
+                    per["replay"] = {"error": "not applicable (no persistence)"}
+                    continue
+                if scenario in ("hibernation", "huge-channel") and index > 0:
+                    continue  # they repeat themselves (``--hib-runs``, ``--huge-runs``)
+                progress.prefix = f"{name} {scenario}{tag}"
+                progress.show("starting", force=True)
+                t0 = time.monotonic()
+                try:
+                    if scenario == "hibernation":
+                        per[scenario] = await scenarios.hibernation(
+                            name,
+                            Context(cfg, progress, tmp / "load"),
+                            _launcher(name, tmp / f"{name}-{scenario}", args.database_url),
+                        )
+                    elif scenario == "huge-channel":
+                        per[scenario] = await huge_channel.huge_channel(
+                            name,
+                            Context(cfg, progress, tmp / "load"),
+                            _launcher(name, tmp / f"{name}-{scenario}", args.database_url),
+                        )
+                    elif shared_system is not None and shared_system.alive():
+                        ctx = Context(cfg, progress, tmp / "load")
+                        per[scenario] = await fn(shared_system, ctx)
+                    else:
+                        async with systems.launch(
+                            name, tmp / f"{name}-{scenario}", args.database_url
+                        ) as system:
+                            if name == "waddle":
+                                per["database"] = system.database
+                            ctx = Context(cfg, progress, tmp / "load")
+                            per[scenario] = await fn(system, ctx)
+                except (LoadError, ServiceFailed, OSError) as exc:
+                    per[scenario] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+                per[scenario]["elapsed_s"] = round(time.monotonic() - t0, 1)
+                progress.prefix = f"{name} {scenario}{tag}"
+                if scenario != "fanout":
+                    _say(Context(cfg, progress, tmp), per[scenario])
+                progress.done(f"done in {per[scenario]['elapsed_s']:.0f}s")
+        finally:
+            if shared is not None:
+                await shared.aclose()
+    return out
 
 
 def delivered_any(results: dict[str, Any]) -> bool:
@@ -378,6 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     markdown = report.markdown(results)
     (out / "results.md").write_text(markdown)
+    if results.get("profile"):
+        (out / "profile" / "summary.md").write_text(report.profiles_markdown(results["profile"]))
     plots = report.plots(results, out)
     width = shutil.get_terminal_size((100, 20)).columns
     print("=" * min(width, 100))

@@ -158,9 +158,11 @@ class Load:
         expected_by_worker: list[int],
         label: str = "running",
         senders: tuple[int, int] | None = None,
+        join: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], IntArray, IntArray]:
         """One measured window across every worker; returns (summary, idx, latency_ns).
-        ``senders`` (first, count): publish through those senders only."""
+        ``senders`` (first, count): publish through those senders only; ``join``:
+        worker 0 opens that many new connections during the window (a join storm)."""
         for w, expected in zip(self.workers, expected_by_worker, strict=True):
             cmd: dict[str, Any] = {
                 "cmd": "run",
@@ -171,8 +173,11 @@ class Load:
             }
             if senders is not None:
                 cmd["senders"] = list(senders)
+            if join is not None and w.index == 0:
+                cmd["join"] = join
             w.send(cmd)
-        events = await self._all("result", duration + drain + 60, label)
+        extra = float(join.get("after", 0) + join.get("within", 0) + 120) if join else 0.0
+        events = await self._all("result", duration + drain + 60 + extra, label)
         idx_parts, lat_parts = [], []
         for e in events:
             with np.load(e["file"]) as data:
@@ -186,6 +191,7 @@ class Load:
             "send_seconds": sender["send_seconds"],
             "deliveries": sum(e["deliveries"] for e in events),
             "acks": sender["acks"],
+            "join": sender.get("join"),
         }
         return (
             summary,

@@ -12,6 +12,10 @@ stdin and answers each with one JSON event line:
   Once the send window is over the worker waits until every expected
   delivery arrived, or deliveries stop for a second, or ``T`` seconds pass,
   then writes the deliveries to an ``.npz`` file and answers ``result``.
+  With ``"join": {"channel": C, "count": J, "within": W, "after": A}`` the
+  worker also opens ``J`` new connections to ``C`` (fresh users, not
+  recording) during the window, starting ``A`` seconds in and spread evenly
+  over ``W`` seconds (a join storm); the result says how many made it.
 * ``{"cmd": "replay", "messages": M, "rounds": R}`` (Waddle only): publish
   ``M`` messages and wait for their acks, connect a fresh client and time
   ``sync`` after those ``M`` messages until ``sync_complete``.
@@ -170,6 +174,14 @@ class Worker:
         self.sent = 0
         self.phase = "connect"
         self._user_seq = 0
+        # "spread_source_ips": each worker connects from its own loopback
+        # address (127.0.0.2, .3, ...): one address has only the ephemeral
+        # port range (about 28k ports) for connections to one server port.
+        self.local_addr: dict[str, Any] = (
+            {"local_addr": (f"127.0.0.{2 + self.worker_id}", 0)}
+            if spec.get("spread_source_ips")
+            else {}
+        )
 
     def _user(self) -> str:
         self._user_seq += 1
@@ -198,6 +210,7 @@ class Worker:
                     websocket_handshake_timeout=30,
                     enable_auto_pong=True,
                     read_buffer_init_size=4096,
+                    **self.local_addr,
                 )
                 await asyncio.wait_for(client.ready, max(1.0, deadline - time.monotonic()))
                 self.connect_ms.append((time.perf_counter() - started) * 1000)
@@ -219,14 +232,19 @@ class Worker:
         deadline = time.monotonic() + float(spec.get("connect_timeout", 120))
         # (channel, records, is_sender, user or None for a fresh one)
         jobs: list[tuple[str, bool, bool, str | None]] = []
+        # Senders after every receiver (the default), or right after their own
+        # group's receivers ("by_group": a channel's members join together).
+        by_group = spec.get("order") == "by_group"
         for group in spec["groups"]:
             channel, users = group["channel"], int(group.get("users", 0))
             for j in range(group.get("receivers", 0)):
                 # A pool of ``users`` identities, each with several connections.
                 user = f"{channel}-w{self.worker_id}-u{j % users}" if users else None
                 jobs.append((channel, True, False, user))
+            if by_group and group.get("sender"):
+                jobs.append((channel, bool(group.get("sender_records")), True, None))
         for group in spec["groups"]:
-            if group.get("sender"):
+            if group.get("sender") and not by_group:
                 jobs.append((group["channel"], bool(group.get("sender_records")), True, None))
         self.target = len(jobs)
         sem = asyncio.Semaphore(concurrency)
@@ -250,8 +268,10 @@ class Worker:
         drain: float,
         expected: int,
         senders_slice: tuple[int, int] | None = None,
+        join: dict[str, Any] | None = None,
     ) -> None:
         """One measured window; ``expected`` is deliveries per message in this worker."""
+        storm = asyncio.create_task(self.join_storm(**join)) if join else None
         self.recorder.reset()
         self.counter[0] = 0
         self.phase = "run"
@@ -277,6 +297,7 @@ class Worker:
         if not senders:
             await asyncio.sleep(duration)
         send_seconds = time.perf_counter() - loop_started
+        joined = await storm if storm is not None else None
         self.next_index = first + k
         self.sent = k
         # Drain: wait for the stragglers, bounded.
@@ -317,7 +338,37 @@ class Worker:
             send_seconds=send_seconds,
             deliveries=len(rec),
             acks=self.counter[1],
+            join=joined,
         )
+
+    async def join_storm(
+        self, channel: str, count: int, within: float, after: float = 0.0
+    ) -> dict[str, Any]:
+        """Open ``count`` connections to ``channel``, their starts spread over ``within`` s."""
+        started = time.perf_counter() + after
+        deadline = time.monotonic() + after + within + float(self.spec.get("connect_timeout", 60))
+        times: list[float] = []
+        before = self.failures
+
+        async def one(i: int) -> None:
+            delay = started + within * i / max(1, count) - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t0 = time.perf_counter()
+            client = await self.open(channel, False, deadline)
+            if client is not None:
+                self.clients.append(client)
+                times.append((time.perf_counter() - started) * 1000)
+                self.connect_ms.append((time.perf_counter() - t0) * 1000)
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+        return {
+            "count": count,
+            "joined": len(times),
+            "failures": self.failures - before,
+            "last_joined_ms": max(times) if times else None,
+            "connect_ms": sorted(self.connect_ms[-len(times) :]) if times else [],
+        }
 
     async def replay(self, messages: int, rounds: int) -> None:
         """Time ``sync`` over ``messages`` missed messages, ``rounds`` times."""
@@ -399,6 +450,7 @@ class Worker:
                     float(cmd.get("drain", 5)),
                     int(cmd.get("expected", 1)),
                     (int(picked[0]), int(picked[1])) if picked else None,
+                    cmd.get("join"),
                 )
             elif cmd["cmd"] == "replay":
                 await self.replay(int(cmd["messages"]), int(cmd.get("rounds", 3)))

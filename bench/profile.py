@@ -2,9 +2,11 @@
 
 ``start`` launches one ``py-spy record --format raw --nonblocking`` per
 process (collapsed stacks: ``frame;frame;... count`` a line); ``finish``
-waits for them. ``summarize`` turns a collapsed-stack file into the
-functions with the most samples on top of the stack (self) and anywhere on
-it (inclusive), in percent of all samples.
+waits for them and draws each as an SVG flame graph beside it
+(``flamegraph_svg``: one profile, two outputs, no second sampler).
+``summarize`` turns a collapsed-stack file into the functions with the
+most samples on top of the stack (self) and anywhere on it (inclusive), in
+percent of all samples.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import html
 import os
 import re
 import shutil
 import sys
+import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +69,70 @@ async def finish(handles: list[tuple[str, Path, asyncio.subprocess.Process]]) ->
             await proc.wait()
         if out.exists():
             files[role] = str(out)
+            svg = out.with_suffix(".svg")
+            svg.write_text(flamegraph_svg(out.read_text(errors="replace"), title=role))
+            files[f"{role}_svg"] = str(svg)
     return files
+
+
+@dataclass(eq=False)
+class _Node:
+    count: int = 0
+    children: dict[str, _Node] = field(default_factory=dict)
+
+
+def flamegraph_svg(text: str, *, title: str = "", width: int = 1200) -> str:
+    """A static SVG flame graph of collapsed stacks (root at the bottom; hover
+    a box for its function and share of the samples)."""
+    root = _Node()
+    for line in text.splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        root.count += count
+        node = root
+        for frame in stack.split(";"):
+            if frame:
+                node = node.children.setdefault(frame_name(frame), _Node())
+                node.count += count
+    row, top = 16, 28
+    boxes: list[tuple[str, float, int, float, int]] = []
+    depth_max = 0
+    total = max(1, root.count)
+
+    def walk(node: _Node, x: float, depth: int) -> None:
+        nonlocal depth_max
+        for name, child in sorted(node.children.items()):
+            w = width * child.count / total
+            if w >= 0.5:
+                depth_max = max(depth_max, depth)
+                boxes.append((name, x, depth, w, child.count))
+                walk(child, x, depth + 1)
+            x += w
+
+    walk(root, 0.0, 0)
+    height = top + (depth_max + 1) * row + 4
+    body = []
+    for name, x, depth, w, count in boxes:
+        y = height - 4 - (depth + 1) * row
+        pct = 100.0 * count / total
+        # Warm colours, varied by name so neighbours differ.
+        hue = 10 + zlib.crc32(name.encode()) % 40
+        label = html.escape(name if w > 7 * len(name) else name[: int(w // 7)])
+        body.append(
+            f"<g><title>{html.escape(name)} ({count} samples, {pct:.1f} %)</title>"
+            f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row - 1}" '
+            f'fill="hsl({hue},85%,60%)"/>'
+            f'<text x="{x + 2:.1f}" y="{y + row - 4}">{label}</text></g>'
+        )
+    head = html.escape(f"{title} — {root.count} samples (py-spy)")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="monospace" font-size="11">'
+        f'<rect width="100%" height="100%" fill="#fff"/>'
+        f'<text x="4" y="16" font-size="13">{head}</text>' + "".join(body) + "</svg>\n"
+    )
 
 
 def frame_name(frame: str) -> str:

@@ -3,8 +3,13 @@ JSON-able dict of its measurements (or ``{"error": ...}`` when the system
 could not take the load, e.g. could not accept the connections in time).
 
 * ``fanout``: one channel, N receivers, one sender at a fixed rate.
-* ``throughput``: N receivers, the publish rate ramped until all-members
-  p99 passes the limit; the best passing step is the answer.
+* ``throughput``: N receivers (one distinct user each by default), the
+  publish rate ramped until all-members p99 passes the limit; the best
+  passing step is the answer. Every step records server CPU per delivery.
+* ``join_storm``: a channel of M members (distinct users) and a sender at a
+  steady rate; all-members latency of the members already there, first
+  steady, then while J more distinct users join within W seconds, then
+  steady again with everyone in.
 * ``many_channels``: C channels of M members, each with a publishing member.
 * ``connect`` (+ ``idle``): open many connections, then hold them idle and
   sample RSS and CPU of every server process.
@@ -17,6 +22,8 @@ could not take the load, e.g. could not accept the connections in time).
   channels awake, and restarts the channel shard to count the store calls
   that re-registering every connection costs. The peers run the same
   traffic and idle period. Repeated ``hib_runs`` times.
+* ``huge_channel`` (``bench/huge_channel.py``): Waddle only, one channel of
+  32,768 members over several edge processes; repeated ``huge_runs`` times.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import procstat
 from bench.driver import Load, Progress, split_groups, start_load
 from bench.ramp import RateRamp, StepResult
-from bench.stats import all_members, quantiles_ms, summarize_ns
+from bench.stats import all_members, cpu_us_per_delivery, quantiles_ms, summarize_ns
 from bench.systems import System
 
 
@@ -53,11 +60,17 @@ class Config:
     fanout_users: int = 100
     content_size: int = 200
     throughput_members: int = 1000
+    throughput_users: int = 0  # distinct identities among the receivers (0: one each)
     throughput_start: float = 25.0
     throughput_factor: float = 1.6
     throughput_step: float = 5.0
     throughput_limit_ms: float = 100.0
     throughput_max_rate: float = 2000.0
+    storm_members: int = 100  # in the channel before the storm, each its own user
+    storm_joiners: int = 1000  # distinct users joining during the storm
+    storm_within: float = 2.0  # seconds over which their joins start
+    storm_rate: float = 50.0  # publishes per second, steady and during the storm
+    storm_steady: float = 6.0  # seconds of each steady window
     many_channels: int = 1000
     many_members: int = 10
     many_rate: float = 1000.0
@@ -72,15 +85,26 @@ class Config:
     drain: float = 10.0
     connect_timeout: float = 240.0
     profile_seconds: float = 0.0  # > 0: py-spy the server during one throughput step
-    profile_rate: float = 200.0  # publishes per second of that step (0: the best passing rate)
+    profile_rate: float = 0.0  # publishes per second of that step (0: the best passing rate)
     profile_dir: Path | None = None
     hib_channels: int = 5000
     hib_messages: int = 20
-    hib_rate: float = 2500.0  # publishes per second while the channels fill
+    # Publishes per second while the channels fill: what one shard on PostgreSQL
+    # sustains on two shared cores while it wakes the channels that fell
+    # asleep between their members' joins and the first message.
+    hib_rate: float = 1000.0
     hib_idle: float = 10.0  # WADDLE_CHANNEL_IDLE_SECONDS with hibernation on
     hib_wake_channels: int = 500
     hib_wake_rate: float = 100.0  # first messages per second into sleeping channels
     hib_runs: int = 3
+    huge_members: int = 32768  # one channel (bench/huge_channel.py)
+    huge_users: int = 0  # distinct identities among them (0: one per connection)
+    huge_edge_workers: int = 2  # WADDLE_EDGE_WORKERS
+    huge_loadgen_workers: int = 3  # each under the fd limit, from its own loopback address
+    huge_rate: float = 1.0
+    huge_duration: float = 20.0
+    huge_runs: int = 3
+    huge_settle: float = 3.0  # seconds between the last connect and the RSS sample
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -147,24 +171,28 @@ async def _window(
     members: int,
     expected_by_worker: list[int],
     label: str,
+    join: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cpu = procstat.CpuWindow(
         {**system.pids(), **{f"loadgen{i}": p for i, p in enumerate(load.pids())}}
     )
     cpu.start()
+    t0 = time.monotonic()
     summary, idx, lat = await load.run(
         rate=rate,
         duration=duration,
         drain=drain,
         expected_by_worker=expected_by_worker,
         label=label,
+        join=join,
     )
     usage = cpu.stop()
+    window_s = time.monotonic() - t0
     sent = int(summary["sent"])
     am = all_members(idx, lat, sent=sent, expected_per_message=members)
     expected = sent * members
     send_s = float(summary["send_seconds"])
-    return {
+    result: dict[str, Any] = {
         "rate": rate,
         "duration_s": round(send_s, 2),
         "sent": sent,
@@ -181,7 +209,12 @@ async def _window(
         "duplicates": am.duplicates,
         "acks": summary["acks"],
         "cpu_percent": usage,
+        "window_s": round(window_s, 3),
     }
+    if join is not None:
+        result["join"] = summary.get("join")
+    result["server_cpu_us_per_delivery"] = cpu_us_per_delivery(result)
+    return result
 
 
 async def edge_fanout_histogram(system: System) -> dict[str, float] | None:
@@ -269,7 +302,7 @@ async def throughput(system: System, ctx: Context) -> dict[str, Any]:
             "channel": f"tput-{uuid.uuid4().hex[:6]}",
             "receivers": n,
             "sender": True,
-            "users": cfg.fanout_users,
+            "users": cfg.throughput_users,
         }
     ]
     spec = _spec(system, cfg, groups, cfg.connect_concurrency)
@@ -345,6 +378,77 @@ async def _profile_step(
     )
     files = await profile.finish(recorders)
     return {"rate": rate, "step": step, "files": files}
+
+
+async def join_storm(system: System, ctx: Context) -> dict[str, Any]:
+    """Steady, storm (``storm_joiners`` distinct users join within ``storm_within``
+    s), steady again; all-members latency over the members present before it."""
+    cfg = ctx.config
+    m = cfg.storm_members
+    channel = f"storm-{uuid.uuid4().hex[:6]}"
+    groups = [{"channel": channel, "receivers": m, "sender": True, "users": 0}]
+    spec = _spec(system, cfg, groups, cfg.connect_concurrency)
+    async with start_load(
+        spec, workers=cfg.workers, work_dir=ctx.work_dir, progress=ctx.progress
+    ) as load:
+        c = await load.wait_connected(cfg.connect_timeout + 30)
+        result: dict[str, Any] = {
+            "members": m,
+            "joiners": cfg.storm_joiners,
+            "within_s": cfg.storm_within,
+            "rate": cfg.storm_rate,
+            "connect": _connect_summary(c),
+        }
+        if c["connected"] < m + 1:
+            result["error"] = f"connected {c['connected']} of {m + 1}: {c['first_error']}"
+            return result
+        await asyncio.sleep(1.0)
+        common: dict[str, Any] = {
+            "rate": cfg.storm_rate,
+            "drain": cfg.drain,
+            "members": m,
+            "expected_by_worker": _expected(groups, cfg.workers),
+        }
+        result["steady"] = await _window(
+            load, system, duration=cfg.storm_steady, label="steady", **common
+        )
+        recorders = []
+        if cfg.profile_seconds > 0 and cfg.profile_dir is not None and system.name == "waddle":
+            from bench import profile
+
+            recorders = await profile.start(
+                system.pids(), cfg.profile_dir / "join-storm", cfg.storm_within + 1.5
+            )
+        # The send window covers the storm: half a second before the first
+        # join until a second after the last one starts.
+        result["storm"] = await _window(
+            load,
+            system,
+            duration=cfg.storm_within + 1.5,
+            label=f"{cfg.storm_joiners} joining",
+            join={
+                "channel": channel,
+                "count": cfg.storm_joiners,
+                "within": cfg.storm_within,
+                "after": 0.5,
+            },
+            **common,
+        )
+        if recorders:
+            from bench import profile
+
+            result["profile"] = {"files": await profile.finish(recorders)}
+        await asyncio.sleep(1.0)
+        result["after"] = await _window(
+            load, system, duration=cfg.storm_steady, label="steady, everyone in", **common
+        )
+        # Steady state is the channel at its final size (everyone in); the
+        # ratio to the smaller channel before the storm is kept too.
+        storm = result["storm"]["all_members"]["p99_ms"]
+        for key, window in (("storm_vs_steady_p99", "after"), ("storm_vs_before_p99", "steady")):
+            steady = result[window]["all_members"]["p99_ms"]
+            result[key] = storm / steady if steady and steady == steady else None
+        return result
 
 
 async def many_channels(system: System, ctx: Context) -> dict[str, Any]:
@@ -542,7 +646,9 @@ async def _hibernation_run(
     pids = system.pids()
     baseline = {role: procstat.rss_bytes(pid) for role, pid in pids.items()}
     groups = [{"channel": f"hib-{tag}-{i}", "receivers": 1, "sender": True} for i in range(n)]
-    spec = _spec(system, cfg, groups, cfg.connect_concurrency)
+    # A channel's two members join together: the scenario is about channels
+    # that go quiet after traffic, not about channels that sleep between joins.
+    spec = {**_spec(system, cfg, groups, cfg.connect_concurrency), "order": "by_group"}
     out: dict[str, Any] = {"idle_setting_s": idle, "baseline_rss_mb": {}}
     out["baseline_rss_mb"] = {k: _mb(v) for k, v in baseline.items()}
     async with start_load(
@@ -596,6 +702,11 @@ async def _hibernation_run(
         samples = await scrape(_channel_metrics_url(system))
         out["asleep"] = samples.get("waddle_channel_hibernated_channels", 0.0)
         out["awake"] = samples.get("waddle_channel_active_channels", 0.0)
+        # What the sleeping channels' records take (the packed table), per channel.
+        kept = samples.get("waddle_channel_hibernated_bytes")
+        out["dormant_bytes_per_channel"] = (
+            round(kept / out["asleep"], 1) if kept is not None and out["asleep"] else None
+        )
         # The first message into sleeping channels, then into the same channels awake.
         w = min(cfg.hib_wake_channels, n)
         ctx.progress.show(f"hibernation: first message into {w} channels", force=True)
@@ -674,6 +785,7 @@ def hibernation_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "socket_rss_per_connection_kb": med("socket_rss_per_connection_kb"),
             "idle_cpu_max_percent": _median(cpu_max),
             "asleep": med("asleep"),
+            "dormant_bytes_per_channel": med("dormant_bytes_per_channel"),
             "wake_p50_ms": med("wake", "latency", "p50_ms"),
             "wake_p99_ms": med("wake", "latency", "p99_ms"),
             "awake_p50_ms": med("awake_again", "latency", "p50_ms"),

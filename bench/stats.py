@@ -1,5 +1,5 @@
-"""Pure statistics of a benchmark run: percentiles, per-delivery latency and
-all-members latency.
+"""Pure statistics of a benchmark run: percentiles, per-delivery latency,
+all-members latency, and the median with its min-max over repeated runs.
 
 A *delivery* is one message frame arriving at one receiver. The load
 generator records, for every delivery, the index of the message and its
@@ -12,6 +12,8 @@ incomplete.
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -120,3 +122,94 @@ def quantiles_ms(latencies_ns: npt.ArrayLike, points: int = 101) -> list[float]:
 def rate(count: int, seconds: float) -> float:
     """Events per second; 0 for an empty interval."""
     return count / seconds if seconds > 0 else 0.0
+
+
+# -- repeated runs -------------------------------------------------------------------
+
+
+class Spread(float):
+    """A median over runs that remembers its min, max and number of runs.
+
+    It is a ``float`` (the median), so tables and ratios use it like one;
+    scaling it by a plain number scales the spread too.
+    """
+
+    lo: float
+    hi: float
+    n: int
+
+    def __new__(cls, values: Sequence[float]) -> Spread:
+        if not values:
+            raise ValueError("a spread of no values")
+        self = super().__new__(cls, statistics.median(values))
+        self.lo, self.hi, self.n = float(min(values)), float(max(values)), len(values)
+        return self
+
+    def _scaled(self, k: float) -> Spread:
+        out = Spread([float(self) * k])
+        out.lo, out.hi = sorted((self.lo * k, self.hi * k))
+        out.n = self.n
+        return out
+
+    def __mul__(self, other: float) -> float:
+        if not isinstance(other, Spread):
+            return self._scaled(float(other))
+        return float(self) * float(other)
+
+    __rmul__ = __mul__
+
+    def as_dict(self) -> dict[str, float]:
+        return {"median": float(self), "min": self.lo, "max": self.hi, "runs": self.n}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def merge_runs(runs: Sequence[Any]) -> Any:
+    """One view of several runs of the same structure.
+
+    Numbers become a ``Spread`` (median, min, max) over the runs that have
+    them (NaN left out); dicts merge key by key (a key missing from some
+    runs is merged over the others); lists, strings and the rest come from
+    the first run that has them (a ramp's steps differ from run to run).
+    """
+    present = [r for r in runs if r is not None]
+    if not present:
+        return None
+    first = present[0]
+    if isinstance(first, dict):
+        keys: list[str] = []
+        for r in present:
+            if isinstance(r, dict):
+                keys += [k for k in r if k not in keys]
+        return {
+            k: merge_runs([r.get(k) for r in present if isinstance(r, dict) and k in r])
+            for k in keys
+        }
+    if _number(first):
+        nums = [float(r) for r in present if _number(r) and r == r]
+        return Spread(nums) if nums else float("nan")
+    return first
+
+
+def plain(view: Any, *, spread: bool = False) -> Any:
+    """A merged view as JSON: each ``Spread`` as its median, or as its ``as_dict``."""
+    if isinstance(view, Spread):
+        return view.as_dict() if spread else float(view)
+    if isinstance(view, dict):
+        return {k: plain(v, spread=spread) for k, v in view.items()}
+    if isinstance(view, list):
+        return [plain(v, spread=spread) for v in view]
+    return view
+
+
+def cpu_us_per_delivery(step: dict[str, Any]) -> float | None:
+    """Server CPU (every server process, load generator excluded) per delivery, in µs."""
+    cpu = step.get("cpu_percent") or {}
+    window = step.get("window_s")
+    deliveries = step.get("deliveries")
+    if not cpu or not window or not deliveries:
+        return None
+    busy = sum(float(v) for k, v in cpu.items() if not k.startswith("loadgen") and v == v)
+    return busy / 100.0 * float(window) / float(deliveries) * 1e6

@@ -5,8 +5,11 @@
   store, one channel shard and one edge, each with ``python -m``, waiting
   for their ready lines (``waddle_common.supervise``). Rate and connection
   limits are raised for the benchmark; logs (``info``, as in production) go to files.
-* ``floor``, ``socketio``, ``channels``: the peers of ``bench.peers``, one
-  process each; the last two use the Redis server on 127.0.0.1:6379.
+* ``plain``, ``floor``, ``socketio``, ``channels``: the peers of
+  ``bench.peers``, one process each; the last two use the Redis server on
+  127.0.0.1:6379. ``plain`` and ``floor`` are the two floors every target is
+  a ratio to: the naive aiohttp broadcast, and the prepared-frame,
+  write-coalescing one.
 
 Each system is a ``System``: where its WebSockets are, which protocol
 adapter the load generator uses, and the pid of every server-side process
@@ -29,10 +32,12 @@ from sqlalchemy.engine import make_url
 
 from waddle_common.supervise import Service, run_to_completion, start_service
 
-SYSTEMS = ("waddle", "floor", "socketio", "channels")
+SYSTEMS = ("waddle", "plain", "floor", "socketio", "channels")
+FLOORS = ("plain", "floor")
 LABELS = {
     "waddle": "Waddle",
-    "floor": "floor (aiohttp, 1 process)",
+    "plain": "plain floor (aiohttp, ws.send per member)",
+    "floor": "prepared floor (frame once, coalesced writes)",
     "socketio": "python-socketio + Redis",
     "channels": "Django Channels + Redis",
 }
@@ -202,6 +207,7 @@ async def waddle(
 @contextlib.asynccontextmanager
 async def peer(name: str, tmp: Path) -> AsyncIterator[System]:
     module = {
+        "plain": "bench.peers.plain",
         "floor": "bench.peers.floor",
         "socketio": "bench.peers.sio",
         "channels": "bench.peers.django_channels",
@@ -212,12 +218,13 @@ async def peer(name: str, tmp: Path) -> AsyncIterator[System]:
         "BENCH_REDIS_CHANNEL": f"bench-sio-{tag}",
         "BENCH_REDIS_PREFIX": f"benchdc{tag}:",
     }
-    system = System(name, name, "")
+    # Both floors speak the same frames.
+    system = System(name, "floor" if name in FLOORS else name, "")
     try:
         server = await start_service("server", module, env, log_path=tmp / f"{name}.log")
         system.services.append(server)
         system.base_url = f"ws://127.0.0.1:{server.port('http_port')}"
-        if name != "floor":
+        if name not in FLOORS:
             pid = redis_pid()
             if pid is not None:
                 system.extra_pids["redis"] = pid

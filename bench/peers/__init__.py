@@ -1,7 +1,11 @@
 """The peers Waddle is measured against, each a small server process.
 
-* ``floor``: a single-process aiohttp broadcast server speaking Waddle's JSON
-  frames, with no authentication, no gRPC hop and no persistence.
+* ``floor``: the prepared floor, a single-process aiohttp broadcast server
+  speaking Waddle's JSON frames, with no authentication, no gRPC hop and no
+  persistence, that frames each message once and coalesces each socket's
+  writes per loop tick.
+* ``plain``: the plain floor, the same server broadcasting the naive way
+  (``await ws.send_str`` per member per message).
 * ``sio``: python-socketio's ``AsyncServer`` on aiohttp with
   ``AsyncRedisManager`` (every emit goes through Redis pub/sub).
 * ``django_channels``: a Django Channels consumer with ``channels_redis`` on
@@ -20,6 +24,10 @@ import signal
 
 import orjson
 from aiohttp import web
+
+from edge.wsframe import text_frame
+
+__all__ = ["announce_ready", "message_body", "run", "serve_app", "text_frame"]
 
 
 async def serve_app(app: web.Application) -> None:

@@ -1,11 +1,16 @@
-"""The floor: a single-process aiohttp broadcast server, ``python -m bench.peers.floor``.
+"""The prepared floor: ``python -m bench.peers.floor``.
 
-It speaks Waddle's v1 JSON frames (``initial_state`` on connect, ``message``
-to every member of the channel, sender included, ``ack`` to the sender,
-``pong``) with no authentication, no gRPC hop and no persistence. Like
-Waddle's edge it encodes a message once and writes the same pre-built
-WebSocket frame bytes to every member's transport, so the difference
-between the two is what Waddle adds: auth, the channel owner, durability.
+A single-process aiohttp broadcast server speaking Waddle's v1 JSON frames
+(``initial_state`` on connect, ``message`` to every member of the channel,
+sender included, ``ack`` to the sender, ``pong``) with no authentication,
+no gRPC hop and no persistence. It does the two things a fast fan-out does:
+it frames each message once (the same WebSocket frame bytes for every
+member) and it coalesces writes, so every socket gets one
+``transport.write`` per loop tick with all the frames of that tick. The
+difference between it and Waddle is what Waddle adds: auth, the channel
+owner, durability.
+
+``bench.peers.plain`` is the other floor: the naive broadcast.
 
 Environment: ``BENCH_PORT`` (default 0: any free port).
 """
@@ -14,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import struct
 import time
 
 import orjson
 from aiohttp import WSMsgType, web
 
-from bench.peers import message_body, run
+from bench.peers import message_body, run, text_frame
 
 members: dict[str, dict[int, asyncio.Transport]] = {}
 seqs: dict[str, int] = {}
@@ -28,13 +32,32 @@ ids = itertools.count(1)
 PONG = b'{"type":"pong"}'
 
 
-def text_frame(payload: bytes) -> bytes:
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 1 << 16:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
+class Coalescer:
+    """Frames queued per transport during one loop tick, written once after it."""
+
+    def __init__(self) -> None:
+        self.pending: dict[asyncio.Transport, list[bytes]] = {}
+        self.scheduled = False
+
+    def write(self, transport: asyncio.Transport, frame: bytes) -> None:
+        queued = self.pending.get(transport)
+        if queued is None:
+            self.pending[transport] = [frame]
+            if not self.scheduled:
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            queued.append(frame)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, {}
+        for transport, frames in pending.items():
+            if not transport.is_closing():
+                transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+
+out = Coalescer()
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -54,7 +77,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         "onlineUsers": [],
         "lastSeq": seqs.get(channel_id, 0),
     }
-    transport.write(text_frame(orjson.dumps(initial)))
+    out.write(transport, text_frame(orjson.dumps(initial)))
     try:
         async for msg in ws:
             if msg.type is not WSMsgType.TEXT:
@@ -74,14 +97,15 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                     content=str(frame.get("content", "")),
                     now_ms=now_ms,
                 )
-                out = text_frame(orjson.dumps({"type": "message", "message": body}))
+                prepared = text_frame(orjson.dumps({"type": "message", "message": body}))
                 for t in room.values():
-                    if not t.is_closing():
-                        t.write(out)
+                    out.write(t, prepared)
                 ack = {"type": "ack", "clientMsgId": frame.get("clientMsgId"), "id": body["id"]}
-                transport.write(text_frame(orjson.dumps({**ack, "seq": seq, "timestamp": now_ms})))
+                out.write(
+                    transport, text_frame(orjson.dumps({**ack, "seq": seq, "timestamp": now_ms}))
+                )
             elif kind == "ping":
-                transport.write(text_frame(PONG))
+                out.write(transport, text_frame(PONG))
     finally:
         room.pop(conn_id, None)
         if not room:

@@ -45,7 +45,8 @@ def test_smoke_run_writes_results_with_deliveries(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     waddle = results["systems"]["waddle"]
-    for scenario in ("fanout", "throughput", "many-channels", "connect", "replay"):
+    assert len(results["runs"]) == 1 and results["runs"][0]["waddle"]
+    for scenario in ("fanout", "throughput", "join-storm", "many-channels", "connect", "replay"):
         assert scenario in waddle, scenario
         assert "error" not in waddle[scenario], waddle[scenario]
     fanout = waddle["fanout"]["runs"]["20"]
@@ -57,6 +58,13 @@ def test_smoke_run_writes_results_with_deliveries(tmp_path: Path) -> None:
     assert waddle["connect"]["connect"]["connected"] == 50
     assert waddle["connect"]["idle"]["connections"] == 50
     assert waddle["replay"]["replayed_counts"] == [100]
+    storm = waddle["join-storm"]
+    assert storm["storm"]["join"]["joined"] == storm["storm"]["join"]["count"] > 0
+    assert storm["steady"]["deliveries"] > 0 and storm["storm"]["deliveries"] > 0
+    (huge,) = waddle["huge-channel"]["runs"]
+    assert huge["connect"]["connected"] == huge["members"] == 30
+    assert len(huge["connections_per_worker"]) == 2, "over two edge processes"
+    assert huge["sent"] > 0 and huge["lost"] == 0
     markdown = (tmp_path / "results.md").read_text()
     assert "### Fanout" in markdown and "Waddle" in markdown
     assert (tmp_path / "fanout.png").stat().st_size > 0
