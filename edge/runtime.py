@@ -28,7 +28,7 @@ from edge.replay import ReplayBudget, Replayer
 from edge.shards import ShardRouter
 from waddle_common import wire
 from waddle_common.grpc_tls import GrpcTls
-from waddle_common.grpc_util import channel_options
+from waddle_common.grpc_util import shard_channel_options
 from waddle_common.settings import Settings
 from waddle_common.store_client import StoreClient
 
@@ -80,7 +80,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.edge_id,
         local,
         metrics,
-        options=channel_options(),
+        options=shard_channel_options(),
         publish_timeout=settings.publish_timeout_seconds * 1.5,
         tls=tls,
         down_after=settings.shard_down_seconds,

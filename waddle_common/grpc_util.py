@@ -8,8 +8,11 @@
   (labels ``method``, ``code``) for unary-unary calls.
 * ``server_options()`` / ``channel_options()``: message size limits and
   keepalive settings that agree with each other, so a long-lived idle
-  channel (edge -> shard, shard -> store) notices a dead peer within about
-  half a minute and the server never answers pings with GOAWAY.
+  channel (shard -> store) notices a dead peer within about half a minute
+  and the server never answers pings with GOAWAY. ``shard_channel_options()``
+  is the edge's link to a channel shard: it pings every 2 s, so a shard
+  that hangs or whose machine died (no FIN, no RST) is found within about
+  4 s and its channels fail over (``WADDLE_SHARD_DOWN_SECONDS`` later).
 
 Both interceptors register their histogram in the registry they are given,
 so create ONE of each per registry and share it between channels/servers.
@@ -31,9 +34,15 @@ from prometheus_client import CollectorRegistry, Histogram
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
-# Servers accept client pings this often (must be below KEEPALIVE_TIME_MS,
-# or a server would treat our own keepalives as abuse and close the channel).
-MIN_PING_INTERVAL_MS = 10_000
+# The edge -> shard link: a stream that carries nothing for a while is
+# still pinged, and an unanswered ping breaks it (HTTP/2 pings are answered
+# by gRPC's core, not by the shard's busy Python code).
+SHARD_KEEPALIVE_TIME_MS = 2_000
+SHARD_KEEPALIVE_TIMEOUT_MS = 2_000
+# Servers accept client pings this often (must be below every keepalive
+# time, or a server would treat our own keepalives as abuse and close the
+# channel).
+MIN_PING_INTERVAL_MS = 1_000
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -61,6 +70,9 @@ def _common_options() -> GrpcOptions:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # The core waits this long for a ping's answer (a minute by default,
+        # whatever the keepalive timeout says).
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         # 0: keep pinging an idle connection for as long as it lives.
         ("grpc.http2.max_pings_without_data", 0),
@@ -87,6 +99,16 @@ def channel_options() -> GrpcOptions:
         ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", 5_000),
     ]
+
+
+def shard_channel_options() -> GrpcOptions:
+    """``channel_options()`` for the edge's links to channel shards."""
+    faster = {
+        "grpc.keepalive_time_ms": SHARD_KEEPALIVE_TIME_MS,
+        "grpc.keepalive_timeout_ms": SHARD_KEEPALIVE_TIMEOUT_MS,
+        "grpc.http2.ping_timeout_ms": SHARD_KEEPALIVE_TIMEOUT_MS,
+    }
+    return [(key, faster.get(key, value)) for key, value in channel_options()]
 
 
 def _code_name(code: Any) -> str:

@@ -15,10 +15,13 @@ from prometheus_client import CollectorRegistry
 from waddle_common.grpc_util import (
     KEEPALIVE_TIME_MS,
     MAX_MESSAGE_BYTES,
+    SHARD_KEEPALIVE_TIME_MS,
+    SHARD_KEEPALIVE_TIMEOUT_MS,
     ClientMetricsInterceptor,
     ServerMetricsInterceptor,
     channel_options,
     server_options,
+    shard_channel_options,
 )
 
 UNARY = "/test.Echo/Unary"
@@ -143,6 +146,16 @@ def test_options_agree() -> None:
         assert options["grpc.keepalive_permit_without_calls"] == 1
     # The server must accept the client's keepalive pings, or it sends GOAWAY.
     assert server["grpc.http2.min_recv_ping_interval_without_data_ms"] <= KEEPALIVE_TIME_MS
+    shard = dict(shard_channel_options())
+    assert shard["grpc.keepalive_time_ms"] == SHARD_KEEPALIVE_TIME_MS < KEEPALIVE_TIME_MS
+    assert shard["grpc.keepalive_timeout_ms"] == SHARD_KEEPALIVE_TIMEOUT_MS
+    assert server["grpc.http2.min_recv_ping_interval_without_data_ms"] <= SHARD_KEEPALIVE_TIME_MS
+    assert shard["grpc.http2.ping_timeout_ms"] == SHARD_KEEPALIVE_TIMEOUT_MS
+    assert client["grpc.http2.ping_timeout_ms"] == dict(client)["grpc.keepalive_timeout_ms"]
+    faster = ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms", "grpc.http2.ping_timeout_ms")
+    assert {k: v for k, v in shard.items() if k not in faster} == {
+        k: v for k, v in client.items() if k not in faster
+    }
 
 
 async def test_a_second_server_cannot_share_a_taken_port() -> None:
