@@ -35,6 +35,11 @@ DOCUMENTED = {
         "waddle_edge_fanout_latency_seconds",
         "waddle_edge_slow_consumer_closes_total",
         "waddle_edge_dropped_frames_total",
+        "waddle_edge_ring_shards",
+        "waddle_edge_known_shards",
+        "waddle_edge_ring_changes_total",
+        "waddle_edge_channels_moved_total",
+        "waddle_edge_failover_seconds",
         "waddle_grpc_client_seconds",
     },
     "channel": {
