@@ -374,24 +374,7 @@ class Hub:
         kind = event.WhichOneof("kind")
         if self.draining and kind in _NOT_WHILE_DRAINING:
             return
-        if kind == "leave" and event.leave.moved and self._release_asleep(session, event.leave):
-            return
         self.life.route(session, event)
-
-    def _release_asleep(self, session: Session, leave: channel_pb2.Leave) -> bool:
-        """A moved connection of a sleeping channel: the edge moves all of a
-        channel's connections at once, so its share of the record goes, and
-        the channel sleeps on (a wake would count those users as departed)."""
-        table = self.life.sleeping
-        record = table.get(leave.channel_id)
-        if record is None:
-            return False
-        rest = tuple(share for share in record if share.edge_id != session.edge_id)
-        if rest:
-            table.put(leave.channel_id, rest)
-        else:
-            table.pop(leave.channel_id)
-        return True
 
     def settling(self) -> bool:
         """Some publish taken is not settled yet (queued, committing, or

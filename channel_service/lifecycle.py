@@ -263,6 +263,8 @@ class Lifecycle:
         if record is not None:
             if kind == "join" and event.join.rejoin:
                 self.sleeping.put(channel_id, absorb(record, session, event.join))
+            elif kind == "leave" and event.leave.moved:
+                self._moved_while_asleep(channel_id, record, session.edge_id)
             else:
                 waking = self._wake(channel_id, record, [(session, event)], reason="event")
                 self.host.spawn(self._load(waking), f"wake:{channel_id}")
@@ -374,6 +376,16 @@ class Lifecycle:
             )
             waking.asked.clear()
             self._maybe_complete(waking)
+
+    def _moved_while_asleep(self, channel_id: str, record: Dormant, edge_id: str) -> None:
+        """An edge moved the sleeping channel elsewhere (all of its connections
+        at once): its share of the record goes and the channel sleeps on (a
+        wake would count those users as departed)."""
+        rest = tuple(share for share in record if share.edge_id != edge_id)
+        if rest:
+            self.sleeping.put(channel_id, rest)
+        else:
+            self.sleeping.pop(channel_id)
 
     def _moved_while_waking(self, waking: Waking, edge_id: str) -> None:
         """An edge moved the waking channel elsewhere (it moves all of a

@@ -21,13 +21,25 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from edge.wsframe import text_frame
 
-__all__ = ["announce_ready", "message_body", "run", "serve_app", "text_frame"]
+__all__ = [
+    "announce_ready",
+    "client_frames",
+    "initial_state",
+    "message_body",
+    "publish",
+    "run",
+    "serve_app",
+    "text_frame",
+]
 
 
 async def serve_app(app: web.Application) -> None:
@@ -72,3 +84,50 @@ def message_body(
         "timestamp": now_ms,
         "threadId": None,
     }
+
+
+def initial_state(channel_id: str, last_seq: int) -> bytes:
+    """The floors' ``initial_state``: nobody listed, no recent messages."""
+    return orjson.dumps(
+        {
+            "type": "initial_state",
+            "channelId": channel_id,
+            "messages": [],
+            "onlineUsers": [],
+            "lastSeq": last_seq,
+        }
+    )
+
+
+async def client_frames(ws: web.WebSocketResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects a client sends; anything else is ignored."""
+    async for msg in ws:
+        if msg.type is not WSMsgType.TEXT:
+            continue
+        try:
+            frame = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(frame, dict):
+            yield frame
+
+
+def publish(
+    seqs: dict[str, int], channel_id: str, user_id: str, frame: dict[str, Any]
+) -> tuple[bytes, bytes]:
+    """A floor's answer to a ``message`` frame: the next ``seq`` of the
+    channel, the ``message`` frame for every member and the sender's ``ack``."""
+    seq = seqs[channel_id] = seqs.get(channel_id, 0) + 1
+    now_ms = time.time_ns() // 1_000_000
+    body = message_body(
+        seq=seq,
+        channel_id=channel_id,
+        user_id=user_id,
+        content=str(frame.get("content", "")),
+        now_ms=now_ms,
+    )
+    ack = {"type": "ack", "clientMsgId": frame.get("clientMsgId"), "id": body["id"]}
+    return (
+        orjson.dumps({"type": "message", "message": body}),
+        orjson.dumps({**ack, "seq": seq, "timestamp": now_ms}),
+    )

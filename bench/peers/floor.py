@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 
-import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from bench.peers import message_body, run, text_frame
+from bench.peers import client_frames, initial_state, publish, run, text_frame
 
 members: dict[str, dict[int, asyncio.Transport]] = {}
 seqs: dict[str, int] = {}
@@ -70,40 +68,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     user_id = f"anon-{conn_id}"
     room = members.setdefault(channel_id, {})
     room[conn_id] = transport
-    initial = {
-        "type": "initial_state",
-        "channelId": channel_id,
-        "messages": [],
-        "onlineUsers": [],
-        "lastSeq": seqs.get(channel_id, 0),
-    }
-    out.write(transport, text_frame(orjson.dumps(initial)))
+    out.write(transport, text_frame(initial_state(channel_id, seqs.get(channel_id, 0))))
     try:
-        async for msg in ws:
-            if msg.type is not WSMsgType.TEXT:
-                continue
-            try:
-                frame = orjson.loads(msg.data)
-            except orjson.JSONDecodeError:
-                continue
-            kind = frame.get("type") if isinstance(frame, dict) else None
+        async for frame in client_frames(ws):
+            kind = frame.get("type")
             if kind == "message":
-                seq = seqs[channel_id] = seqs.get(channel_id, 0) + 1
-                now_ms = time.time_ns() // 1_000_000
-                body = message_body(
-                    seq=seq,
-                    channel_id=channel_id,
-                    user_id=user_id,
-                    content=str(frame.get("content", "")),
-                    now_ms=now_ms,
-                )
-                prepared = text_frame(orjson.dumps({"type": "message", "message": body}))
+                message, ack = publish(seqs, channel_id, user_id, frame)
+                prepared = text_frame(message)
                 for t in room.values():
                     out.write(t, prepared)
-                ack = {"type": "ack", "clientMsgId": frame.get("clientMsgId"), "id": body["id"]}
-                out.write(
-                    transport, text_frame(orjson.dumps({**ack, "seq": seq, "timestamp": now_ms}))
-                )
+                out.write(transport, text_frame(ack))
             elif kind == "ping":
                 out.write(transport, text_frame(PONG))
     finally:

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import time
 
-import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from bench.peers import message_body, run
+from bench.peers import client_frames, initial_state, publish, run
 
 members: dict[str, dict[int, web.WebSocketResponse]] = {}
 seqs: dict[str, int] = {}
@@ -40,38 +38,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     user_id = f"anon-{conn_id}"
     room = members.setdefault(channel_id, {})
     room[conn_id] = ws
-    initial = {
-        "type": "initial_state",
-        "channelId": channel_id,
-        "messages": [],
-        "onlineUsers": [],
-        "lastSeq": seqs.get(channel_id, 0),
-    }
-    await _send(ws, orjson.dumps(initial).decode())
+    await _send(ws, initial_state(channel_id, seqs.get(channel_id, 0)).decode())
     try:
-        async for msg in ws:
-            if msg.type is not WSMsgType.TEXT:
-                continue
-            try:
-                frame = orjson.loads(msg.data)
-            except orjson.JSONDecodeError:
-                continue
-            kind = frame.get("type") if isinstance(frame, dict) else None
+        async for frame in client_frames(ws):
+            kind = frame.get("type")
             if kind == "message":
-                seq = seqs[channel_id] = seqs.get(channel_id, 0) + 1
-                now_ms = time.time_ns() // 1_000_000
-                body = message_body(
-                    seq=seq,
-                    channel_id=channel_id,
-                    user_id=user_id,
-                    content=str(frame.get("content", "")),
-                    now_ms=now_ms,
-                )
-                text = orjson.dumps({"type": "message", "message": body}).decode()
+                message, ack = publish(seqs, channel_id, user_id, frame)
+                text = message.decode()
                 for member in list(room.values()):
                     await _send(member, text)
-                ack = {"type": "ack", "clientMsgId": frame.get("clientMsgId"), "id": body["id"]}
-                await _send(ws, orjson.dumps({**ack, "seq": seq, "timestamp": now_ms}).decode())
+                await _send(ws, ack.decode())
             elif kind == "ping":
                 await _send(ws, '{"type":"pong"}')
     finally:

@@ -41,7 +41,7 @@ from tests.support.dns import SrvServer
 from tests.support.postgres import postgres_schema
 from tests.support.stack import Stack, start_stack
 from waddle_common.routing import owner_of
-from waddle_common.supervise import Service, start_service
+from waddle_common.supervise import Service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(240)]
 
@@ -227,17 +227,7 @@ def _slowest_ack(load: Load, channels: list[str], start: float, end: float) -> f
 
 
 async def _start_shard(stack: Stack, i: int, port: int = 0) -> Service:
-    return await start_service(
-        f"channel{i}",
-        "channel_service",
-        {
-            **stack.base_env,
-            "WADDLE_CHANNEL_PORT": str(port),
-            "WADDLE_CHANNEL_METRICS_PORT": "0",
-            "WADDLE_STORE_ADDRESS": stack.store_address,
-        },
-        log_path=stack.tmp / f"channel{i}-{time.monotonic_ns()}.log",
-    )
+    return await stack.start_shard(i, port=port, log_name=f"channel{i}-{time.monotonic_ns()}.log")
 
 
 async def test_failover_drain_and_scale_up_under_load(tmp_path: Path) -> None:
@@ -250,21 +240,15 @@ async def test_failover_drain_and_scale_up_under_load(tmp_path: Path) -> None:
             dns.set(stack.shard_addresses)
             for i in range(2):
                 stack.edges.append(
-                    await start_service(
-                        f"edge{i}",
-                        "edge",
+                    await stack.start_edge(
+                        i,
                         {
-                            **stack.base_env,
                             **EDGE_ENV,
-                            "WADDLE_EDGE_PORT": "0",
-                            "WADDLE_EDGE_ID": f"edge-{i}",
                             # Only until the first DNS answer.
                             "WADDLE_CHANNEL_SHARDS": stack.shard_addresses[0],
                             "WADDLE_CHANNEL_SHARDS_DNS": SRV_NAME,
                             "WADDLE_DNS_SERVER": dns.address,
-                            "WADDLE_STORE_ADDRESS": stack.store_address,
                         },
-                        log_path=tmp_path / f"edge{i}.log",
                     )
                 )
             async with aiohttp.ClientSession() as http:

@@ -19,7 +19,6 @@ from tests.e2e.test_faults import store_messages
 from tests.support.client import WsClient
 from tests.support.stack import start_stack
 from waddle_common.routing import owner_of
-from waddle_common.supervise import start_service
 
 pytestmark = [pytest.mark.e2e]
 
@@ -28,17 +27,10 @@ async def test_two_owners_cannot_fork_a_channel(tmp_path: Path) -> None:
     async with start_stack(tmp_path, shards=2, edges=0, env=GENEROUS_LIMITS) as stack:
         for i, shard in enumerate(stack.shard_addresses):
             stack.edges.append(
-                await start_service(
-                    f"edge{i}",
-                    "edge",
-                    {
-                        **stack.base_env,
-                        "WADDLE_EDGE_PORT": "0",
-                        "WADDLE_EDGE_ID": f"split-{i}",
-                        "WADDLE_CHANNEL_SHARDS": shard,  # each edge sees a different owner
-                        "WADDLE_STORE_ADDRESS": stack.store_address,
-                    },
-                    log_path=tmp_path / f"edge{i}.log",
+                await stack.start_edge(
+                    i,
+                    # Each edge sees a different owner.
+                    {"WADDLE_EDGE_ID": f"split-{i}", "WADDLE_CHANNEL_SHARDS": shard},
                 )
             )
         async with aiohttp.ClientSession() as http:
@@ -156,17 +148,9 @@ async def test_edges_that_disagree_on_a_down_shard_cannot_fork(tmp_path: Path) -
         )
         for i, shards in enumerate((via_proxy, direct)):
             stack.edges.append(
-                await start_service(
-                    f"edge{i}",
-                    "edge",
-                    {
-                        **stack.base_env,
-                        "WADDLE_EDGE_PORT": "0",
-                        "WADDLE_EDGE_ID": f"disagree-{i}",
-                        "WADDLE_CHANNEL_SHARDS": ",".join(shards),
-                        "WADDLE_STORE_ADDRESS": stack.store_address,
-                    },
-                    log_path=tmp_path / f"edge{i}.log",
+                await stack.start_edge(
+                    i,
+                    {"WADDLE_EDGE_ID": f"disagree-{i}", "WADDLE_CHANNEL_SHARDS": ",".join(shards)},
                 )
             )
         acks: dict[str, dict[str, int]] = {"a": {}, "b": {}}

@@ -99,6 +99,39 @@ class Stack:
         }
         return jwt.encode(body, self.jwt_secret, algorithm="HS256")
 
+    # -- services -----------------------------------------------------------
+
+    async def start_shard(self, i: int, *, port: int = 0, log_name: str | None = None) -> Service:
+        """Start channel shard ``i`` (not added to ``channels``)."""
+        return await start_service(
+            f"channel{i}",
+            "channel_service",
+            {
+                **self.base_env,
+                "WADDLE_CHANNEL_PORT": str(port),
+                "WADDLE_CHANNEL_METRICS_PORT": "0",
+                "WADDLE_STORE_ADDRESS": self.store_address,
+            },
+            log_path=self.tmp / (log_name or f"channel{i}.log"),
+        )
+
+    async def start_edge(self, i: int, env: Mapping[str, str] | None = None) -> Service:
+        """Start edge ``i`` towards every shard started so far (not added to
+        ``edges``); ``env`` adds to or overrides its environment."""
+        return await start_service(
+            f"edge{i}",
+            "edge",
+            {
+                **self.base_env,
+                "WADDLE_EDGE_PORT": "0",
+                "WADDLE_EDGE_ID": f"edge-{i}",
+                "WADDLE_CHANNEL_SHARDS": ",".join(self.shard_addresses),
+                "WADDLE_STORE_ADDRESS": self.store_address,
+                **(env or {}),
+            },
+            log_path=self.tmp / f"edge{i}.log",
+        )
+
     # -- faults -------------------------------------------------------------
 
     def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
@@ -176,34 +209,9 @@ async def start_stack(
     stack = Stack(tmp=tmp_path, database_url=database_url, base_env=base, store=store)
     try:
         for i in range(shards):
-            stack.channels.append(
-                await start_service(
-                    f"channel{i}",
-                    "channel_service",
-                    {
-                        **base,
-                        "WADDLE_CHANNEL_PORT": "0",
-                        "WADDLE_CHANNEL_METRICS_PORT": "0",
-                        "WADDLE_STORE_ADDRESS": stack.store_address,
-                    },
-                    log_path=tmp_path / f"channel{i}.log",
-                )
-            )
+            stack.channels.append(await stack.start_shard(i))
         for i in range(edges):
-            stack.edges.append(
-                await start_service(
-                    f"edge{i}",
-                    "edge",
-                    {
-                        **base,
-                        "WADDLE_EDGE_PORT": "0",
-                        "WADDLE_EDGE_ID": f"edge-{i}",
-                        "WADDLE_CHANNEL_SHARDS": ",".join(stack.shard_addresses),
-                        "WADDLE_STORE_ADDRESS": stack.store_address,
-                    },
-                    log_path=tmp_path / f"edge{i}.log",
-                )
-            )
+            stack.edges.append(await stack.start_edge(i))
         yield stack
     finally:
         await stack.stop()
