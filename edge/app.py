@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -297,20 +297,19 @@ async def dev_token(request: web.Request) -> web.Response:
     )
 
 
-@web.middleware
-async def security_headers(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    response = await handler(request)
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers for every HTTP response, set as it is prepared. A signal and
+    not a middleware: a middleware's coroutine would stay alive, and in
+    memory, for as long as each WebSocket it wraps."""
     if not isinstance(response, web.WebSocketResponse):
         response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
-    return response
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[security_headers])
+    app = web.Application()
+    app.on_response_prepare.append(security_headers)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(runtime_ctx)
     app.cleanup_ctx.append(heartbeat_ctx)

@@ -1,4 +1,5 @@
-"""The edge's heartbeat: one timer pings every open WebSocket, sockets get a
+"""The edge's heartbeat: one timer writes an unsolicited pong to every open
+WebSocket (nothing a client answers), sockets get a
 kernel deadline for unacknowledged data, closed sockets get nothing and an
 edge with no socket runs no timer. And the shard link's answers to a waking
 owner: ``Rehydrate`` re-registers the channel's answered connections,
@@ -55,28 +56,30 @@ async def server() -> AsyncIterator[tuple[str, Heartbeat, list[web.WebSocketResp
     await runner.cleanup()
 
 
-async def pings(ws: aiohttp.ClientWebSocketResponse, n: int) -> int:
+async def beats(ws: aiohttp.ClientWebSocketResponse, n: int) -> int:
+    """Receive ``n`` heartbeats: pongs, never pings, which a client must answer."""
     got = 0
     async with asyncio.timeout(5):
         while got < n:
             msg = await ws.receive()
-            assert msg.type is aiohttp.WSMsgType.PING, msg
+            assert msg.type is aiohttp.WSMsgType.PONG, msg
+            assert msg.data == b""
             got += 1
     return got
 
 
-async def test_one_timer_pings_every_socket(
+async def test_one_timer_beats_every_socket(
     server: tuple[str, Heartbeat, list[web.WebSocketResponse]],
 ) -> None:
     url, heartbeat, sockets = server
     async with aiohttp.ClientSession() as http:
-        # autoping off: the client sees the server's pings.
+        # autoping off: the client sees the server's heartbeats.
         clients = [await http.ws_connect(url, autoping=False) for _ in range(5)]
         async with asyncio.timeout(5):
             while len(heartbeat) < 5:  # noqa: ASYNC110 - registration has no event
                 await asyncio.sleep(0.01)
         for client in clients:
-            assert await pings(client, 2) == 2
+            assert await beats(client, 2) == 2
         # Each socket has its kernel deadline: two intervals of unacknowledged data.
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             for ws in sockets:
@@ -94,20 +97,20 @@ async def test_one_timer_pings_every_socket(
                 await asyncio.sleep(0.01)
 
 
-async def test_a_closing_socket_gets_no_ping(
+async def test_a_closing_socket_gets_no_heartbeat(
     server: tuple[str, Heartbeat, list[web.WebSocketResponse]],
 ) -> None:
     url, heartbeat, sockets = server
     async with aiohttp.ClientSession() as http:
         client = await http.ws_connect(url, autoping=False)
-        await pings(client, 1)
+        await beats(client, 1)
         ws = sockets[0]
-        before = heartbeat.pings
+        before = heartbeat.beats
         await ws.close()
         msg = await client.receive(timeout=5)
         assert msg.type is aiohttp.WSMsgType.CLOSE
         await client.close()
-        assert heartbeat.pings == before, "nothing after the close frame"
+        assert heartbeat.beats == before, "nothing after the close frame"
 
 
 # -- the shard link's answers ------------------------------------------------------
