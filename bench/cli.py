@@ -181,6 +181,7 @@ def make_config(args: argparse.Namespace) -> Config:
             hib_messages=3,
             hib_rate=60.0,
             hib_idle=1.0,
+            hib_cpu_window=1.0,
             hib_wake_channels=10,
             hib_wake_rate=20.0,
             hib_runs=1,

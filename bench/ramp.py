@@ -3,8 +3,10 @@
 The ramp proposes publish rates one step at a time and is told how each
 step went. It grows the rate geometrically while steps pass; after the
 first failure it bisects between the best passing and the lowest failing
-rate for a few steps; if the very first step fails it halves the rate until
-one passes (or the floor is reached). The answer is the best passing step.
+rate for a few steps; if the very first step fails it is tried once more
+(one slow step right after the connections settle must not cap a run),
+and if it fails again the ramp halves the rate until one passes (or the
+floor is reached). The answer is the best passing step.
 
 A step *passes* when its all-members p99 is within the limit and (almost)
 every expected delivery arrived.
@@ -38,6 +40,7 @@ class RateRamp:
     refine_steps: int = 2
     max_steps: int = 12
     history: list[StepResult] = field(default_factory=list)
+    retried: list[StepResult] = field(default_factory=list)  # first steps tried again
     _refined: int = 0
 
     def first(self) -> float:
@@ -58,6 +61,14 @@ class RateRamp:
         self.history.append(result)
         if len(self.history) >= self.max_steps:
             return None
+        if (
+            len(self.history) == 1
+            and not self.retried
+            and not result.passes(self.limit_ms, self.min_fraction)
+        ):
+            # Set aside: the retry decides whether this rate passes.
+            self.retried.append(self.history.pop())
+            return result.rate
         best, fail = self.best, self.lowest_failure
         if fail is None:
             # Still climbing.

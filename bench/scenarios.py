@@ -94,6 +94,10 @@ class Config:
     # asleep between their members' joins and the first message.
     hib_rate: float = 1000.0
     hib_idle: float = 10.0  # WADDLE_CHANNEL_IDLE_SECONDS with hibernation on
+    # Idle CPU is averaged over this long once everything sleeps: one whole
+    # WADDLE_HEARTBEAT_SECONDS (default 30), so the window holds exactly one
+    # heartbeat round whatever its phase.
+    hib_cpu_window: float = 30.0
     hib_wake_channels: int = 500
     hib_wake_rate: float = 100.0  # first messages per second into sleeping channels
     hib_runs: int = 3
@@ -350,7 +354,8 @@ async def throughput(system: System, ctx: Context) -> dict[str, Any]:
             await asyncio.sleep(1.0)
         best = ramp.best
         result["best"] = next(
-            (s for s in steps if best is not None and s["rate"] == best.rate), None
+            (s for s in steps if best is not None and s["passed"] and s["rate"] == best.rate),
+            None,
         )
         if cfg.profile_seconds > 0 and cfg.profile_dir is not None and system.name == "waddle":
             prate = cfg.profile_rate or (best.rate if best is not None else cfg.throughput_start)
@@ -671,15 +676,18 @@ async def _hibernation_run(
         out["fill"] = {"sent": int(summary["sent"]), "delivered": int(idx.size)}
         loaded = {role: procstat.rss_bytes(pid) for role, pid in pids.items()}
         out["loaded_rss_mb"] = {k: _mb(v) for k, v in loaded.items()}
-        # Idle for three idle periods (the same time with hibernation off);
-        # CPU over the last period, once everything that hibernates has.
+        # Idle for two idle periods (the same time with hibernation off), by
+        # when everything that hibernates has; then CPU over one heartbeat
+        # interval (or one more idle period, whichever is longer).
         period = cfg.hib_idle
-        ctx.progress.show(f"hibernation: idle {3 * period:.0f} s", force=True)
+        window = max(period, cfg.hib_cpu_window)
+        idle_total = 2 * period + window
+        ctx.progress.show(f"hibernation: idle {idle_total:.0f} s", force=True)
         timeline: list[dict[str, float]] = []
         started = time.monotonic()
         cpu = procstat.CpuWindow({**pids, **{f"loadgen{i}": p for i, p in enumerate(load.pids())}})
         cpu_started = False
-        while (elapsed := time.monotonic() - started) < 3 * period:
+        while (elapsed := time.monotonic() - started) < idle_total:
             if not cpu_started and elapsed >= 2 * period:
                 cpu.start()
                 cpu_started = True
@@ -687,8 +695,9 @@ async def _hibernation_run(
                 {"t": round(elapsed, 1)}
                 | {role: _mb(procstat.rss_bytes(pid)) for role, pid in pids.items()}
             )
-            await asyncio.sleep(min(1.0, 3 * period - elapsed))
+            await asyncio.sleep(min(1.0, idle_total - elapsed))
         out["idle_cpu_percent"] = cpu.stop()
+        out["idle_cpu_window_s"] = window
         out["rss_timeline_mb"] = timeline
         rested = {role: procstat.rss_bytes(pid) for role, pid in pids.items()}
         out["idle_rss_mb"] = {k: _mb(v) for k, v in rested.items()}

@@ -33,12 +33,22 @@ def test_incomplete_delivery_fails_a_step_even_with_low_latency() -> None:
     assert ramp.best is not None and ramp.best.rate == 100
 
 
-def test_goes_down_when_the_first_step_fails() -> None:
+def test_goes_down_when_the_first_step_fails_twice() -> None:
     ramp = RateRamp(start=100, factor=2, limit_ms=100, min_rate=20)
-    assert ramp.next(step(100, 500)) == 50
+    assert ramp.next(step(100, 500)) == 100  # tried once more
+    assert ramp.next(step(100, 400)) == 50
     assert ramp.next(step(50, 300)) == 25
     assert ramp.next(step(25, 200)) is None  # 12.5 is under min_rate
     assert ramp.best is None
+
+
+def test_a_first_step_that_passes_when_retried_does_not_cap_the_ramp() -> None:
+    ramp = RateRamp(start=100, factor=2, limit_ms=100)
+    assert ramp.next(step(100, 100.1)) == 100
+    assert ramp.next(step(100, 30)) == 200  # climbing, the slow first try forgotten
+    assert ramp.next(step(200, 40)) == 400
+    assert [s.rate for s in ramp.retried] == [100]
+    assert ramp.lowest_failure is None
 
 
 def test_stops_at_the_maximum_rate_and_after_max_steps() -> None:
