@@ -300,16 +300,20 @@ class RecentWindow:
     them ready for ``orjson`` to splice into a frame unchanged.
     """
 
-    __slots__ = ("_buf", "_ends", "maxlen")
+    __slots__ = ("_buf", "_ends", "_fragments", "maxlen")
 
     def __init__(self, maxlen: int, bodies: Iterable[Mapping[str, Any]] = ()) -> None:
         self.maxlen = max(maxlen, 1)
         self._buf = bytearray()
         self._ends = array("I")
+        # ``fragments`` as of the last append: every join reads it, a
+        # storm's thousand joins between two messages included.
+        self._fragments: tuple[orjson.Fragment, ...] | None = None
         for body in bodies:
             self.append(body)
 
     def append(self, body: Mapping[str, Any]) -> None:
+        self._fragments = None
         data = orjson.dumps(body)
         ends = self._ends
         if len(ends) >= self.maxlen:
@@ -327,9 +331,12 @@ class RecentWindow:
             yield start, end
             start = end
 
-    def fragments(self) -> list[orjson.Fragment]:
-        buf = self._buf
-        return [orjson.Fragment(bytes(buf[a:b])) for a, b in self._spans()]
+    def fragments(self) -> tuple[orjson.Fragment, ...]:
+        """The messages, oldest first, each encoded (made once per append)."""
+        if self._fragments is None:
+            buf = self._buf
+            self._fragments = tuple(orjson.Fragment(bytes(buf[a:b])) for a, b in self._spans())
+        return self._fragments
 
     def __len__(self) -> int:
         return len(self._ends)

@@ -6,7 +6,7 @@ online users, ``lastSeq``, and the user's read cursor when the user is
 connected elsewhere); the edge reads the stored cursor meanwhile and sends
 the newer of the two as ``readSeq``, with ``unreadCount`` (messages after
 the cursor, at most ``UNREAD_CAP``). A store that does not answer within
-``CURSOR_TIMEOUT`` costs the join nothing: the owner's value stands, or the
+``edge.cursor_reads.CURSOR_TIMEOUT`` costs the join nothing: the owner's value stands, or the
 two fields are left out.
 A resumed subscription (``afterSeq``) gets no recent messages: what it
 missed follows as a replay.
@@ -15,7 +15,6 @@ missed follows as a replay.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
 import orjson
@@ -23,10 +22,8 @@ import orjson
 from edge.connection import Connection
 from edge.runtime import EdgeRuntime
 from edge.shards import ShardRouter
-from waddle_common.store_client import StoreUnavailable
 
 UNREAD_CAP = 1000
-CURSOR_TIMEOUT = 1.0
 REFUSALS = frozenset({"channel_full", "user_limit", "unavailable"})
 
 
@@ -37,10 +34,8 @@ class Joined:
 
 
 async def _read_cursor(runtime: EdgeRuntime, conn: Connection) -> int | None:
-    with contextlib.suppress(StoreUnavailable, TimeoutError):
-        async with asyncio.timeout(CURSOR_TIMEOUT):
-            return await runtime.store.get_read_cursor(conn.identity.user_id, conn.channel_id)
-    return None
+    """None when the store is unavailable or slower than ``CURSOR_TIMEOUT`` (batched)."""
+    return await runtime.cursors.get(conn.identity.user_id, conn.channel_id)
 
 
 async def join(

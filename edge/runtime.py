@@ -19,6 +19,7 @@ from aiohttp import web
 
 from edge.auth import TokenVerifier
 from edge.connection import Connection, Limits, LocalChannels
+from edge.cursor_reads import CURSOR_TIMEOUT, CursorReads
 from edge.expiry import ExpiryWatch
 from edge.history import HistoryServer
 from edge.limits import RateConfig
@@ -57,6 +58,7 @@ class EdgeRuntime:
     rates: RateConfig
     expiry: ExpiryWatch
     history: HistoryServer
+    cursors: CursorReads  # joiners' read cursors, batched
     draining: bool = False
     sockets: int = 0  # open client WebSockets, both endpoints
     # The control connection of each open multiplexed socket (its frames
@@ -125,6 +127,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         ),
         expiry=ExpiryWatch(metrics, live=lambda: len(local)),
         history=HistoryServer(store, replayer.budgets, metrics, local.limits),
+        cursors=CursorReads(store.get_read_cursors, timeout=CURSOR_TIMEOUT),
     )
     metrics.connections.set_function(lambda: runtime.sockets)
     metrics.subscriptions.set_function(lambda: len(local))
@@ -149,6 +152,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     await runtime.expiry.stop()
     await runtime.replayer.stop()
     await runtime.history.stop()
+    await runtime.cursors.close()
     await router.close()
     await store.close()
 

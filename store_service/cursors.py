@@ -63,8 +63,8 @@ def validate_cursors(cursors: Sequence[ReadCursor]) -> None:
 class ReadCursors:
     """Read cursors over a ``Repository``'s engine, timed in its metrics.
 
-    Query timings: ``waddle_store_query_seconds{query="set_read_cursors"}``
-    and ``{query="get_read_cursor"}``.
+    Query timings: ``waddle_store_query_seconds{query="set_read_cursors"}``,
+    ``{query="get_read_cursor"}`` and ``{query="get_read_cursors"}``.
     """
 
     def __init__(self, repository: Repository) -> None:
@@ -110,6 +110,29 @@ class ReadCursors:
         ):
             seq = await conn.scalar(statement)
         return 0 if seq is None else int(seq)
+
+    async def get_many(self, keys: Sequence[CursorKey]) -> tuple[int, ...]:
+        """The cursor of each (user_id, channel_id), in order; 0 where none was written.
+
+        One query for the whole batch (SQLite: per chunk of ``SQLITE_MAX_PARAMS``),
+        the same read ``set`` uses for the keys its upsert skipped. At most
+        ``MAX_CURSOR_BATCH`` keys (``InvalidArgument`` otherwise, or for a
+        malformed key).
+        """
+        if len(keys) > MAX_CURSOR_BATCH:
+            raise InvalidArgument(f"at most {MAX_CURSOR_BATCH} keys per call, got {len(keys)}")
+        for user_id, channel_id in keys:
+            require_id(user_id, "user_id")
+            require_id(channel_id, "channel_id")
+        distinct = list(dict.fromkeys(keys))
+        if not distinct:
+            return ()
+        async with (
+            self._repository.timed("get_read_cursors"),
+            self._repository.engine.connect() as conn,
+        ):
+            found = await self._sql.read(conn, distinct)
+        return tuple(found.get(key, 0) for key in keys)
 
 
 # --- the statements, per dialect -------------------------------------------------------

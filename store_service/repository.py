@@ -13,7 +13,10 @@ feeds it, merging every request that arrives while a commit is in flight
 into the next transaction (group commit across callers). A transaction
 runs a fixed handful of set-based statements (``batch_sql``), however many
 channels and requests it holds: fencing, numbering and duplicate detection
-are decided in Python between them (``_plan``).
+are decided in Python between them (``_plan``). On PostgreSQL those
+statements run on psycopg directly, two or (for channels whose head this
+store wrote last) one per transaction (``pg_append``); SQLite, and the
+per-request retry after a conflict, go through SQLAlchemy (``batch_sql``).
 
 Sequence fencing: the owner of a channel states the head it believes in
 (``expected_last_seq``); the new messages are numbered after it and the head
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from time import perf_counter
 from typing import Any
 
+import psycopg
 from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
@@ -49,6 +53,7 @@ from store_service.batch_sql import HeadMove, MessageKey, MessageValues, StoredR
 from store_service.db import writer
 from store_service.metrics import StoreMetrics
 from store_service.models import ChannelRow, MessageRow, UserRow
+from store_service.pg_append import PgAppendConnection
 
 log = logging.getLogger(__name__)
 
@@ -376,10 +381,18 @@ class Repository:
         self._postgres = engine.dialect.name == "postgresql"
         self._upsert: Callable[[Any], Any] = postgresql.insert if self._postgres else sqlite.insert
         self._sql = for_dialect(engine.dialect.name)
+        # PostgreSQL appends bypass SQLAlchemy (see pg_append); SQLite's stay on it.
+        self._pg = PgAppendConnection(engine) if self._postgres else None
 
     @property
     def engine(self) -> AsyncEngine:
         return self._engine
+
+    async def close(self) -> None:
+        """Close the append connection (PostgreSQL); the engine is the caller's."""
+        if self._pg is not None:
+            async with self._pg.lock:
+                await self._pg.close()
 
     # --- append ---------------------------------------------------------------
 
@@ -420,8 +433,11 @@ class Repository:
         start = perf_counter()
         try:
             try:
-                outcomes, written = await self._transaction(batch, isolate=False)
-            except (IntegrityError, DataError) as exc:
+                if self._pg is not None:
+                    outcomes, written = await self._pg_transaction(self._pg, batch)
+                else:
+                    outcomes, written = await self._transaction(batch, isolate=False)
+            except (IntegrityError, DataError, psycopg.IntegrityError, psycopg.DataError) as exc:
                 if len(batch) == 1:
                     return [_request_error(exc)]
                 # One of the merged requests conflicts with stored rows (say, a
@@ -433,8 +449,10 @@ class Repository:
                     "merged append failed; retrying request by request",
                     extra={"requests": len(batch), "error": type(exc).__name__},
                 )
+                if self._pg is not None:
+                    self._pg.forget()  # heads written behind its back
                 outcomes, written = await self._transaction(batch, isolate=True)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, psycopg.Error) as exc:
             return self._failed_commit(batch, exc)
         finally:
             self.metrics.append_seconds.observe(perf_counter() - start)
@@ -445,7 +463,7 @@ class Repository:
         return outcomes
 
     def _failed_commit(
-        self, batch: list[Sequence[ChannelAppend]], exc: SQLAlchemyError
+        self, batch: list[Sequence[ChannelAppend]], exc: SQLAlchemyError | psycopg.Error
     ) -> list[AppendOutcome]:
         self.metrics.errors.labels(op="append").inc()
         log.warning(
@@ -454,6 +472,78 @@ class Repository:
             exc_info=exc,
         )
         return [Unavailable("database unavailable; nothing was written") for _ in batch]
+
+    async def _pg_transaction(
+        self, pg: PgAppendConnection, batch: list[Sequence[ChannelAppend]]
+    ) -> tuple[list[AppendOutcome], list[User]]:
+        """``_append_tx`` without SAVEPOINTs, as one or two of ``pg``'s statements.
+
+        The same decisions: heads and duplicates read, ``_plan``, then one
+        statement that compare-and-sets, creates, inserts and upserts; the
+        channels whose head did not move in it are fenced.
+
+        When ``pg`` remembers the head of every channel of the batch (it
+        wrote them last) the read is skipped: the batch is planned on those
+        heads with nothing stored, and written only if the plan moves every
+        channel, so that every head it was planned on is checked by its
+        compare-and-set. That write is all or nothing; if a head moved or a
+        key is stored after all, nothing is written and the batch runs on
+        what ``read`` finds.
+        """
+        now_ms = time.time_ns() // 1_000_000
+        ids = sorted({g.channel_id for groups in batch for g in groups})
+        keys = list(
+            dict.fromkeys(
+                (g.channel_id, m.user_id, m.key)
+                for groups in batch
+                for g in groups
+                for m in g.messages
+            )
+        )
+        async with pg.lock:
+            try:
+                known = pg.known_heads(ids)
+                if known is not None:
+                    plan = _plan(batch, known, {}, now_ms)
+                    if len(plan.moves) == len(ids):
+                        written = self._users.changed(_authors(plan.inserted))
+                        if await pg.write_guessed(plan.moves, plan.rows, _user_rows(written)):
+                            pg.remember(plan.heads)
+                            outcomes: list[AppendOutcome] = list(plan.results)
+                            return outcomes, written
+                    pg.forget(ids)
+                heads, stored = await pg.read(ids, keys)
+                plan = _plan(batch, heads, stored, now_ms)
+                cas = [move for move in plan.moves if move[0] in heads]
+                new = sorted((cid, head) for cid, _, head in plan.moves if cid not in heads)
+                written = self._users.changed(_authors(plan.inserted))
+                moved = await pg.write(cas, new, plan.rows, _user_rows(written))
+                stale = [cid for cid, _, _ in plan.moves if cid not in moved]
+                if stale:
+                    # Another writer moved the head (or created the row)
+                    # since it was read. Nothing of these channels was written.
+                    log.warning(
+                        "channel head moved under the commit", extra={"channels": len(stale)}
+                    )
+                    current = await pg.heads(stale)
+                    plan.fence({cid: current.get(cid, 0) for cid in stale})
+                # Heads read or written here; a wrong one only costs a read.
+                pg.remember(
+                    {
+                        cid: plan.heads[cid]
+                        for cid in ids
+                        if (cid in heads or cid in moved) and cid not in stale
+                    }
+                )
+            except psycopg.Error:
+                pg.forget()  # the connection, if broken, is replaced on next use
+                raise
+            except BaseException:
+                pg.forget()
+                pg.discard()  # cancelled mid-statement: its state is unknown
+                raise
+        outcomes = list(plan.results)
+        return outcomes, written
 
     async def _transaction(
         self, batch: list[Sequence[ChannelAppend]], *, isolate: bool
@@ -505,13 +595,7 @@ class Repository:
             plan = await self._write(conn, batch, heads, existing, now_ms)
             outcomes.extend(plan.results)
             inserted = plan.inserted
-        authors: dict[str, User] = {}
-        for m in inserted:
-            # An empty name would erase a known one; the snapshot in the
-            # message row still has whatever was sent.
-            if m.username:
-                authors[m.user_id] = User(m.user_id, m.username, m.avatar_url)
-        written = self._users.changed(authors.values())
+        written = self._users.changed(_authors(inserted))
         await self._write_users(conn, written)
         return outcomes, written
 
@@ -714,8 +798,24 @@ class Repository:
         return ChannelSettings(settings.channel_id, settings.max_connections)
 
 
-def _request_error(exc: SQLAlchemyError) -> StoreError:
-    if isinstance(exc, DataError):
+def _authors(inserted: Iterable[NewMessage]) -> list[User]:
+    """The latest profile of each author of ``inserted``."""
+    authors: dict[str, User] = {}
+    for m in inserted:
+        # An empty name would erase a known one; the snapshot in the
+        # message row still has whatever was sent.
+        if m.username:
+            authors[m.user_id] = User(m.user_id, m.username, m.avatar_url)
+    return list(authors.values())
+
+
+def _user_rows(users: Iterable[User]) -> list[tuple[str, str, str]]:
+    """``users`` as rows, sorted by id (so replicas lock them in one order)."""
+    return sorted((u.id, u.username, u.avatar_url) for u in users)
+
+
+def _request_error(exc: SQLAlchemyError | psycopg.Error) -> StoreError:
+    if isinstance(exc, DataError | psycopg.DataError):
         return InvalidArgument("a value does not fit the database column")
     return Conflict("append conflicts with stored messages (message id reused?)")
 

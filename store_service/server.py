@@ -79,6 +79,7 @@ class RunningStore:
         await self._committer.close(timeout=max(grace, 1.0))
         if self._ops is not None:
             await self._ops.cleanup()
+        await self.repository.close()
         await self.engine.dispose()
 
 
@@ -124,6 +125,7 @@ async def start(settings: Settings) -> RunningStore:
         bind_error = None
     if not grpc_port:
         await committer.close()
+        await repository.close()
         await engine.dispose()
         where = _address(settings.store_host, settings.store_port)
         raise StartupError(f"cannot listen on {where}: {bind_error or 'bind failed'}")

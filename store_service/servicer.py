@@ -234,3 +234,15 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     ) -> store_pb2.ReadCursor:
         seq = await _guard(context, self._cursors.get(request.user_id, request.channel_id))
         return store_pb2.ReadCursor(user_id=request.user_id, channel_id=request.channel_id, seq=seq)
+
+    async def GetReadCursors(
+        self, request: store_pb2.GetReadCursorsRequest, context: grpc.aio.ServicerContext
+    ) -> store_pb2.GetReadCursorsResponse:
+        keys = [(k.user_id, k.channel_id) for k in request.keys]
+        seqs = await _guard(context, self._cursors.get_many(keys))
+        return store_pb2.GetReadCursorsResponse(
+            cursors=[
+                store_pb2.ReadCursor(user_id=user, channel_id=channel, seq=seq)
+                for (user, channel), seq in zip(keys, seqs, strict=True)
+            ]
+        )

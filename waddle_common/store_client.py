@@ -183,3 +183,21 @@ class StoreClient:
         req = store_pb2.GetReadCursorRequest(user_id=user_id, channel_id=channel_id)
         result: store_pb2.ReadCursor = await self._call(self._stub.GetReadCursor, req)
         return result.seq
+
+    async def get_read_cursors(
+        self, keys: Sequence[tuple[str, str]], timeout: float | None = None
+    ) -> list[int]:
+        """Each (user_id, channel_id)'s read cursor (0: none), in order, in
+        one call (at most ``CURSOR_BATCH`` keys)."""
+        req = store_pb2.GetReadCursorsRequest(
+            keys=[
+                store_pb2.GetReadCursorRequest(user_id=user_id, channel_id=channel_id)
+                for user_id, channel_id in keys
+            ]
+        )
+        result: store_pb2.GetReadCursorsResponse = await self._call(
+            self._stub.GetReadCursors, req, timeout
+        )
+        if len(result.cursors) != len(keys):
+            raise StoreUnavailable(f"{len(result.cursors)} cursors for {len(keys)} keys")
+        return [c.seq for c in result.cursors]

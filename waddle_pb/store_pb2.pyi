@@ -620,3 +620,45 @@ class GetReadCursorRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetReadCursorRequest: _TypeAlias = GetReadCursorRequest  # noqa: Y015
+
+@_typing.final
+class GetReadCursorsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetReadCursorRequest]:
+        """at most 10000"""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___GetReadCursorRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReadCursorsRequest: _TypeAlias = GetReadCursorsRequest  # noqa: Y015
+
+@_typing.final
+class GetReadCursorsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cursors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadCursor]: ...
+    def __init__(
+        self,
+        *,
+        cursors: _abc.Iterable[Global___ReadCursor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursors", b"cursors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReadCursorsResponse: _TypeAlias = GetReadCursorsResponse  # noqa: Y015

@@ -84,6 +84,11 @@ class StoreServiceStub:
                 request_serializer=waddle__pb_dot_store__pb2.GetReadCursorRequest.SerializeToString,
                 response_deserializer=waddle__pb_dot_store__pb2.ReadCursor.FromString,
                 _registered_method=True)
+        self.GetReadCursors = channel.unary_unary(
+                '/waddle.store.v1.StoreService/GetReadCursors',
+                request_serializer=waddle__pb_dot_store__pb2.GetReadCursorsRequest.SerializeToString,
+                response_deserializer=waddle__pb_dot_store__pb2.GetReadCursorsResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -157,6 +162,14 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReadCursors(self, request, context):
+        """Many cursors in one query (a join storm's joiners): one cursor per
+        key, in request order, 0 for a key with none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +222,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.GetReadCursor,
                     request_deserializer=waddle__pb_dot_store__pb2.GetReadCursorRequest.FromString,
                     response_serializer=waddle__pb_dot_store__pb2.ReadCursor.SerializeToString,
+            ),
+            'GetReadCursors': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReadCursors,
+                    request_deserializer=waddle__pb_dot_store__pb2.GetReadCursorsRequest.FromString,
+                    response_serializer=waddle__pb_dot_store__pb2.GetReadCursorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +499,33 @@ class StoreService:
             '/waddle.store.v1.StoreService/GetReadCursor',
             waddle__pb_dot_store__pb2.GetReadCursorRequest.SerializeToString,
             waddle__pb_dot_store__pb2.ReadCursor.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReadCursors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waddle.store.v1.StoreService/GetReadCursors',
+            waddle__pb_dot_store__pb2.GetReadCursorsRequest.SerializeToString,
+            waddle__pb_dot_store__pb2.GetReadCursorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class StoreServiceStub:
     SetReadCursors: _grpc.UnaryUnaryMultiCallable[_store_pb2.SetReadCursorsRequest, _store_pb2.SetReadCursorsResponse]
     """Read cursors per (user, channel). Writes never move a cursor back."""
     GetReadCursor: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetReadCursorRequest, _store_pb2.ReadCursor]
+    GetReadCursors: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetReadCursorsRequest, _store_pb2.GetReadCursorsResponse]
+    """Many cursors in one query (a join storm's joiners): one cursor per
+    key, in request order, 0 for a key with none.
+    """
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -77,6 +81,10 @@ class StoreServiceAsyncStub(StoreServiceStub):
     SetReadCursors: _aio.UnaryUnaryMultiCallable[_store_pb2.SetReadCursorsRequest, _store_pb2.SetReadCursorsResponse]  # type: ignore[assignment]
     """Read cursors per (user, channel). Writes never move a cursor back."""
     GetReadCursor: _aio.UnaryUnaryMultiCallable[_store_pb2.GetReadCursorRequest, _store_pb2.ReadCursor]  # type: ignore[assignment]
+    GetReadCursors: _aio.UnaryUnaryMultiCallable[_store_pb2.GetReadCursorsRequest, _store_pb2.GetReadCursorsResponse]  # type: ignore[assignment]
+    """Many cursors in one query (a join storm's joiners): one cursor per
+    key, in request order, 0 for a key with none.
+    """
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -158,5 +166,15 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _store_pb2.GetReadCursorRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.ReadCursor, _abc.Awaitable[_store_pb2.ReadCursor]]: ...
+
+    @_abc_1.abstractmethod
+    def GetReadCursors(
+        self,
+        request: _store_pb2.GetReadCursorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.GetReadCursorsResponse, _abc.Awaitable[_store_pb2.GetReadCursorsResponse]]:
+        """Many cursors in one query (a join storm's joiners): one cursor per
+        key, in request order, 0 for a key with none.
+        """
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -54,8 +54,10 @@ def metrics() -> StoreMetrics:
 
 
 @pytest.fixture
-def repository(engine: AsyncEngine, metrics: StoreMetrics) -> Repository:
-    return Repository(engine, metrics)
+async def repository(engine: AsyncEngine, metrics: StoreMetrics) -> AsyncIterator[Repository]:
+    repository = Repository(engine, metrics)
+    yield repository
+    await repository.close()
 
 
 @pytest.fixture

@@ -6,13 +6,16 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import psycopg
+import pytest
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from store_service.repository import ChannelAppend, NewMessage
+from store_service.batch_sql import MessageKey, StoredRef
+from store_service.repository import ChannelAppend, NewMessage, Repository
 from waddle_pb import store_pb2
 
 
@@ -108,3 +111,39 @@ def exec_sql(url: str, statement: str) -> None:
     conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(conninfo, autocommit=True) as pg:
         pg.execute(statement.encode())
+
+
+HeadsHook = Callable[[AsyncConnection | None, dict[str, int]], Awaitable[None]]
+
+
+def after_heads_read(
+    repository: Repository, monkeypatch: pytest.MonkeyPatch, hook: HeadsHook
+) -> None:
+    """Run ``hook(conn, heads)`` in every append right after it read (and locked) the heads.
+
+    ``conn`` is the append's own SQLAlchemy connection (SQLite: it holds the
+    write lock, so anything written meanwhile goes through it), or None on
+    PostgreSQL, whose appends run on psycopg directly (``pg_append``): there,
+    write through another connection. ``hook`` may change ``heads``.
+    """
+    pg = repository._pg
+    if pg is not None:
+        real_read = pg.read
+
+        async def read(
+            ids: Sequence[str], keys: Sequence[MessageKey]
+        ) -> tuple[dict[str, int], dict[MessageKey, StoredRef]]:
+            heads, stored = await real_read(ids, keys)
+            await hook(None, heads)
+            return heads, stored
+
+        monkeypatch.setattr(pg, "read", read)
+        return
+    real_lock = repository._sql.lock_heads
+
+    async def lock_heads(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, int]:
+        found = await real_lock(conn, ids)
+        await hook(conn, found)
+        return found
+
+    monkeypatch.setattr(repository._sql, "lock_heads", lock_heads)

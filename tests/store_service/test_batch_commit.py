@@ -21,22 +21,28 @@ from store_service.repository import (
     Repository,
     StoreError,
 )
-from tests.store_service.helpers import group, msg
+from tests.store_service.helpers import after_heads_read, group, msg
 
 
 @contextmanager
-def counted_statements(engine: AsyncEngine) -> Iterator[list[str]]:
-    """Every statement sent to the driver (an executemany counts once) while the block runs."""
+def counted_statements(engine: AsyncEngine, repository: Repository) -> Iterator[list[str]]:
+    """Every statement sent to the database (an executemany counts once) while
+    the block runs: through SQLAlchemy, and on PostgreSQL's own append path
+    (``store_service.pg_append``, counted after the block)."""
     seen: list[str] = []
 
     def record(*args: Any) -> None:
         seen.append(args[2])  # (conn, cursor, statement, parameters, context, executemany)
 
+    pg = repository._pg
+    before = pg.statements if pg is not None else 0
     event.listen(engine.sync_engine, "before_cursor_execute", record)
     try:
         yield seen
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", record)
+        if pg is not None:
+            seen.extend(["(psycopg append path)"] * (pg.statements - before))
 
 
 async def heads(engine: AsyncEngine) -> dict[str, int]:
@@ -194,7 +200,7 @@ async def statements_for(
 ) -> list[str]:
     seed, follow = mixed_batch(tag, n)
     await repository.append_batch(seed)
-    with counted_statements(engine) as seen:
+    with counted_statements(engine, repository) as seen:
         results = await repository.append_batch(follow)
     statuses = [r.status for r in results]
     assert statuses == [AppendStatus.OK, AppendStatus.FENCED, AppendStatus.OK] * n
@@ -207,6 +213,7 @@ async def test_statement_count_does_not_grow_with_the_number_of_groups(
 ) -> None:
     few = await statements_for(repository, engine, "few", 5)  # 15 groups
     many = await statements_for(repository, engine, "many", 200)  # 600 groups
+    assert many, "the commit's statements were not counted"
     assert len(few) == len(many)
     # BEGIN (SQLite), create channels, read/lock heads, look up keys, move
     # heads, insert messages, upsert authors.
@@ -225,7 +232,7 @@ async def test_merged_requests_share_one_set_of_statements(
             ]
             for i in range(requests)
         ]
-        with counted_statements(engine) as seen:
+        with counted_statements(engine, repository) as seen:
             outcomes = await repository.append_many(batch)
         for outcome in outcomes:
             [first, second] = ok(outcome)
@@ -246,7 +253,7 @@ async def test_a_batch_beyond_the_sqlite_parameter_limit_commits(
     seed = [group(f"c{i}", 0, msg(key="k")) for i in range(n)]
     await repository.append_batch(seed)
     retry = [group(f"c{i}", 1, msg(key="k"), msg(key="new")) for i in range(n)]
-    with counted_statements(engine) as seen:
+    with counted_statements(engine, repository) as seen:
         results = await repository.append_batch(retry)
     assert all((r.status, r.last_seq) == (AppendStatus.OK, 2) for r in results)
     assert all(r.results[0].duplicate and not r.results[1].duplicate for r in results)
@@ -303,16 +310,12 @@ async def test_a_head_that_moved_despite_the_lock_fences_its_groups(
     repository: Repository, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await repository.append_batch([group("a", 0, msg(), msg())])
-    sql = repository._sql
-    real = sql.lock_heads
 
-    async def stale_heads(conn: Any, ids: Sequence[str]) -> dict[str, int]:
-        found = await real(conn, ids)
+    async def stale_heads(_conn: Any, found: dict[str, int]) -> None:
         if "a" in found:
             found["a"] = 0  # what a second writer ignoring the lock would leave us believing
-        return found
 
-    monkeypatch.setattr(sql, "lock_heads", stale_heads)
+    after_heads_read(repository, monkeypatch, stale_heads)
     [fenced, also_fenced, other] = await repository.append_batch(
         [group("a", 0, msg("lost")), group("a", 1, msg("lost too")), group("b", 0, msg("kept"))]
     )

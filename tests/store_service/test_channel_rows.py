@@ -6,7 +6,6 @@ Every test runs on SQLite and, when configured, PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pytest
@@ -22,7 +21,7 @@ from store_service.repository import (
     ChannelState,
     Repository,
 )
-from tests.store_service.helpers import group, msg
+from tests.store_service.helpers import after_heads_read, group, msg
 from waddle_pb import store_pb2
 
 if TYPE_CHECKING:
@@ -158,16 +157,15 @@ async def test_settings_over_grpc_create_the_row(
 async def test_a_row_created_since_the_heads_were_read_fences_its_groups(
     repository: Repository, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sql = repository._sql
-    real = sql.lock_heads
-
-    async def row_appears(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, int]:
-        found = await real(conn, ids)
+    async def row_appears(conn: AsyncConnection | None, _heads: dict[str, int]) -> None:
         # What a second writer committing "r" right after this read leaves.
-        await conn.execute(insert(ChannelRow).values(id="r", last_seq=4))
-        return found
+        if conn is not None:
+            await conn.execute(insert(ChannelRow).values(id="r", last_seq=4))
+        else:
+            async with engine.begin() as other:
+                await other.execute(insert(ChannelRow).values(id="r", last_seq=4))
 
-    monkeypatch.setattr(sql, "lock_heads", row_appears)
+    after_heads_read(repository, monkeypatch, row_appears)
     [lost, kept] = await repository.append_batch(
         [group("r", 0, msg("lost")), group("s", 0, msg("kept"))]
     )
@@ -191,15 +189,12 @@ async def test_two_stores_racing_to_create_a_channel_number_it_once(
     other = Repository(other_engine)
     read = asyncio.Event()
     go_on = asyncio.Event()
-    real = repository._sql.lock_heads
 
-    async def pause_after_read(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, int]:
-        found = await real(conn, ids)
+    async def pause_after_read(_conn: AsyncConnection | None, _heads: dict[str, int]) -> None:
         read.set()
         await go_on.wait()
-        return found
 
-    monkeypatch.setattr(repository._sql, "lock_heads", pause_after_read)
+    after_heads_read(repository, monkeypatch, pause_after_read)
     a = asyncio.create_task(repository.append_batch([group("race", 0, msg("from a"))]))
     try:
         await asyncio.wait_for(read.wait(), TIMEOUT)
@@ -213,6 +208,7 @@ async def test_two_stores_racing_to_create_a_channel_number_it_once(
         if not a.done():
             a.cancel()
             await asyncio.gather(a, return_exceptions=True)
+        await other.close()
         await other_engine.dispose()
     assert (b.status, b.last_seq) == (AppendStatus.OK, 2)
     assert a_result == ChannelAppendResult("race", AppendStatus.FENCED, 2)
