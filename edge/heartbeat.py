@@ -6,11 +6,11 @@ writes a heartbeat frame to every open WebSocket each ``interval`` seconds,
 a slice of sockets per loop turn so a big edge does not stall.
 
 The frame is an unsolicited pong (RFC 6455 5.5.3: "a unidirectional
-heartbeat", which no client answers), not a ping. A ping's answer would
-wake the socket's handler on every round, and that answer was five sixths
-of an idle edge's CPU (measured: 10,000 idle sockets, ``bench/profiles/
-heartbeat/``); the edge has no use for it. What the heartbeat is for holds
-without one:
+heartbeat", which no client answers), not a ping. A ping's answer woke
+the socket's handler on every round: 57 us of the edge's CPU per socket and
+round with it, 22 us without (4,000 idle sockets,
+``bench/profiles/heartbeat/idle-edge.txt``), and the edge has no use for
+it. What the heartbeat is for holds without one:
 
 * keeping intermediaries (proxies, load balancers) from closing a quiet
   connection: they see data every interval, and a NAT in front of the client
