@@ -492,14 +492,7 @@ class Repository:
         """
         now_ms = time.time_ns() // 1_000_000
         ids = sorted({g.channel_id for groups in batch for g in groups})
-        keys = list(
-            dict.fromkeys(
-                (g.channel_id, m.user_id, m.key)
-                for groups in batch
-                for g in groups
-                for m in g.messages
-            )
-        )
+        keys = _message_keys(batch)
         async with pg.lock:
             try:
                 known = pg.known_heads(ids)
@@ -612,14 +605,7 @@ class Repository:
         ``existing``: the channels with a row in this transaction; any other
         channel is at head 0 and gets its row here, with its first messages.
         """
-        keys = list(
-            dict.fromkeys(
-                (g.channel_id, m.user_id, m.key)
-                for groups in requests
-                for g in groups
-                for m in g.messages
-            )
-        )
+        keys = _message_keys(requests)
         stored = await self._sql.stored(conn, keys) if keys else {}
         plan = _plan(requests, heads, stored, now_ms)
         if plan.moves:
@@ -796,6 +782,18 @@ class Repository:
                 )
             )
         return ChannelSettings(settings.channel_id, settings.max_connections)
+
+
+def _message_keys(requests: Iterable[Sequence[ChannelAppend]]) -> list[MessageKey]:
+    """The idempotency keys of every message of ``requests``, each once, in order."""
+    return list(
+        dict.fromkeys(
+            (g.channel_id, m.user_id, m.key)
+            for groups in requests
+            for g in groups
+            for m in g.messages
+        )
+    )
 
 
 def _authors(inserted: Iterable[NewMessage]) -> list[User]:
