@@ -2,8 +2,14 @@
 
 aiohttp's ``heartbeat=`` arms a timer per socket and re-arms it as frames
 arrive, so every idle connection costs a timer. Here one timer per edge
-writes a heartbeat frame to every open WebSocket each ``interval`` seconds,
-a slice of sockets per loop turn so a big edge does not stall.
+writes a heartbeat frame to every open WebSocket once each ``interval``
+seconds. The sockets are spread over ``interval / STEP`` buckets (by a hash
+of the socket, so nothing is kept to find a socket's bucket) and each tick,
+``STEP`` seconds apart, beats one bucket, a slice of it per loop turn. A
+round of 10,000 sockets at once kept the edge busy for a fifth of a second
+and woke every client at the same moment (a load generator holding all of
+them stalled for that long, 300 ms and more of latency for whatever it was
+measuring); spread, each tick writes a thirtieth of them.
 
 The frame is an unsolicited pong (RFC 6455 5.5.3: "a unidirectional
 heartbeat", which no client answers), not a ping. A ping's answer woke
@@ -58,38 +64,56 @@ def set_user_timeout(transport: asyncio.BaseTransport | None, seconds: float) ->
     return True
 
 
-class Heartbeat:
-    """Writes a heartbeat to every registered WebSocket each ``interval`` s, from one timer."""
+STEP = 1.0
+"""Seconds between the timer's ticks (each beats one bucket)."""
 
-    def __init__(self, interval: float, *, slice_size: int = 1000) -> None:
+
+class Heartbeat:
+    """Writes a heartbeat to every registered WebSocket once each ``interval``
+    s, from one timer that beats one bucket of them every ``step`` s."""
+
+    def __init__(self, interval: float, *, step: float = STEP, slice_size: int = 1000) -> None:
         self.interval = interval
+        self.slots = max(1, round(interval / step))
+        self.step = interval / self.slots
         self.slice_size = slice_size
-        self._sockets: dict[web.WebSocketResponse, asyncio.Transport] = {}
+        self._buckets: list[dict[web.WebSocketResponse, asyncio.Transport]] = [
+            {} for _ in range(self.slots)
+        ]
+        self._next = 0  # the bucket the next tick beats
         self._timer: asyncio.TimerHandle | None = None
         self.beats = 0  # frames written, for tests and curiosity
 
     def __len__(self) -> int:
-        return len(self._sockets)
+        return sum(len(bucket) for bucket in self._buckets)
+
+    def _bucket(self, ws: web.WebSocketResponse) -> dict[web.WebSocketResponse, asyncio.Transport]:
+        # Fibonacci hashing of the identity: objects allocated at a fixed
+        # stride would otherwise fill some buckets and leave others empty.
+        return self._buckets[((hash(ws) * 0x9E3779B97F4A7C15) >> 32) % self.slots]
 
     def add(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
         if transport is None:
             return
         set_user_timeout(transport, 2 * self.interval)
-        self._sockets[ws] = transport
+        self._bucket(ws)[ws] = transport
         if self._timer is None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self.interval, self._tick)
+            self._timer = loop.call_later(self.step, self._tick)
 
     def discard(self, ws: web.WebSocketResponse) -> None:
-        self._sockets.pop(ws, None)
+        self._bucket(ws).pop(ws, None)
 
     def _tick(self) -> None:
         self._timer = None
-        if not self._sockets:
+        if not any(self._buckets):
             return  # the next add() starts the timer again
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.interval, self._tick)
-        self._beat(list(self._sockets.items()), 0)
+        self._timer = loop.call_later(self.step, self._tick)
+        bucket = self._buckets[self._next]
+        self._next = (self._next + 1) % self.slots
+        if bucket:
+            self._beat(list(bucket.items()), 0)
 
     def _beat(
         self, sockets: list[tuple[web.WebSocketResponse, asyncio.Transport]], start: int
@@ -107,7 +131,8 @@ class Heartbeat:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._sockets.clear()
+        for bucket in self._buckets:
+            bucket.clear()
 
 
 HEARTBEAT = web.AppKey("heartbeat", Heartbeat)

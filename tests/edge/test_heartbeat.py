@@ -1,5 +1,6 @@
 """The edge's heartbeat: one timer writes an unsolicited pong to every open
-WebSocket (nothing a client answers), sockets get a
+WebSocket once per interval, a share of them per tick (nothing a client
+answers), sockets get a
 kernel deadline for unacknowledged data, closed sockets get nothing and an
 edge with no socket runs no timer. And the shard link's answers to a waking
 owner: ``Rehydrate`` re-registers the channel's answered connections,
@@ -111,6 +112,43 @@ async def test_a_closing_socket_gets_no_heartbeat(
         assert msg.type is aiohttp.WSMsgType.CLOSE
         await client.close()
         assert heartbeat.beats == before, "nothing after the close frame"
+
+
+class CountingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.frames.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_a_round_is_spread_over_the_interval() -> None:
+    heartbeat = Heartbeat(3.0, step=1.0, slice_size=10_000)
+    sockets = {web.WebSocketResponse(): CountingTransport() for _ in range(600)}
+    try:
+        for ws, transport in sockets.items():
+            heartbeat.add(ws, transport)
+        assert heartbeat.slots == 3 and len(heartbeat) == 600
+        per_tick = []
+        for _ in range(3):
+            before = heartbeat.beats
+            heartbeat._tick()  # as the timer does, one step apart
+            per_tick.append(heartbeat.beats - before)
+        assert all(100 < n < 300 for n in per_tick), per_tick
+        assert [t.frames for t in sockets.values()] == [[b"\x8a\x00"]] * 600, (
+            "every socket once per interval"
+        )
+        gone = next(iter(sockets))
+        heartbeat.discard(gone)
+        for _ in range(3):
+            heartbeat._tick()
+        assert len(sockets[gone].frames) == 1 and heartbeat.beats == 1199
+    finally:
+        heartbeat.stop()
 
 
 # -- the shard link's answers ------------------------------------------------------
