@@ -46,7 +46,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import procstat
 from bench.driver import Load, Progress, split_groups, start_load
 from bench.ramp import RateRamp, StepResult
-from bench.stats import all_members, cpu_us_per_delivery, quantiles_ms, summarize_ns
+from bench.stats import (
+    all_members,
+    cpu_us_per_delivery,
+    quantiles_ms,
+    slowest_per_message_ms,
+    summarize_ns,
+)
 from bench.systems import System
 
 
@@ -217,6 +223,8 @@ async def _window(
     }
     if join is not None:
         result["join"] = summary.get("join")
+        # When in the storm the slow messages were sent.
+        result["slowest_per_message_ms"] = slowest_per_message_ms(idx, lat, sent=sent)
     result["server_cpu_us_per_delivery"] = cpu_us_per_delivery(result)
     return result
 

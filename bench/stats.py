@@ -76,6 +76,22 @@ class AllMembers:
     duplicates: int  # deliveries beyond the expected count (should be 0)
 
 
+def slowest_per_message_ms(
+    message_idx: npt.ArrayLike, latency_ns: npt.ArrayLike, *, sent: int
+) -> list[float | None]:
+    """Each message's slowest delivery (ms, 0.1 ms), in sending order; None for
+    a message nobody got. With a steady sender, message ``i`` left at ``i /
+    rate``: this is the window's latency over time."""
+    idx = np.asarray(message_idx, dtype=np.int64)
+    lat = np.asarray(latency_ns, dtype=np.int64)
+    if idx.shape != lat.shape:
+        raise ValueError("message_idx and latency_ns differ in length")
+    keep = (idx >= 0) & (idx < sent)
+    last = np.full(max(sent, 0), -1, dtype=np.int64)
+    np.maximum.at(last, idx[keep], lat[keep])
+    return [None if v < 0 else round(v / 1e6, 1) for v in last.tolist()]
+
+
 def all_members(
     message_idx: npt.ArrayLike,
     latency_ns: npt.ArrayLike,

@@ -20,6 +20,17 @@ one system call per frame per socket. Only what a socket leaves unsent counts ag
 bounded outgoing buffer (``send_buffer_bytes``): over it an ephemeral frame
 (typing, presence) is dropped and a chat message closes the socket with
 1013, so one slow phone never delays the others.
+
+Joins and leaves (``user_connected``, ``user_disconnected``) for per-channel
+sockets wait up to ``PRESENCE_WINDOW`` in a batch per channel, and then go
+out as one chunk built once for every member (multiplexed sockets get a
+``presence_diff`` instead, ``edge.presence_diff``). A crowd joining one
+channel so costs one pass over its members per window instead of one per
+join. The frames are the same frames, in the same order: anything else for
+a member (a message, typing, a reply, a frame from the edge itself) sends
+the batch first, and a member that goes live while a batch waits gets only
+what came after its ``initial_state``, so every socket gets what it would
+have got unbatched.
 """
 
 from __future__ import annotations
@@ -28,8 +39,8 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
@@ -61,6 +72,9 @@ class Limits:
 
 Scheduler = Callable[[float, Callable[[], None]], object]
 
+PRESENCE_WINDOW = 0.05
+"""Seconds a per-channel socket's joins and leaves may wait to share a write."""
+
 
 def loop_scheduler(delay: float, callback: Callable[[], None]) -> object:
     loop = asyncio.get_running_loop()
@@ -83,6 +97,10 @@ class Cork:
         self._schedule = schedule
         self.dirty: list[Connection] = []
         self.scheduled = False
+        # Channels with joins and leaves waiting (``LocalChannels``), and how
+        # to send them: a frame for one connection must not overtake them.
+        self.presence_waiting: Mapping[str, object] = {}
+        self.flush_presence: Callable[[str], None] = lambda channel_id: None
         self.last_cost = 0.0
         self.last_end = 0.0
 
@@ -176,6 +194,14 @@ class Connection:
 
     def send(self, payload: bytes, metrics: EdgeMetrics, limits: Limits, frame_type: str) -> None:
         """A frame for this connection alone (ack, error, pong, replay)."""
+        cork = self.cork
+        if (
+            cork is not None
+            and self.channel_id in cork.presence_waiting
+            and not self.multiplexed
+            and (self.state is State.LIVE or self.state is State.SYNCING)
+        ):
+            cork.flush_presence(self.channel_id)  # what came before goes first
         if self.write(text_frame(payload), metrics, limits, ephemeral=False):
             metrics.frames_out_for(frame_type).inc()
 
@@ -215,6 +241,19 @@ async def close_ws(
         pass
 
 
+@dataclass(slots=True)
+class _PresenceBatch:
+    """One channel's joins and leaves waiting for per-channel sockets."""
+
+    frames: list[bytes] = field(default_factory=list)  # framed, in arrival order
+    types: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # the user each frame is not for
+    ephemeral: bool = True
+    # Members that went live while the batch waited: conn id -> the first
+    # frame meant for them (the earlier ones were in their initial_state).
+    late: dict[int, int] = field(default_factory=dict)
+
+
 class LocalChannels:
     """This edge's connections, by channel and by id, and the fan-out."""
 
@@ -229,6 +268,10 @@ class LocalChannels:
         self.on_gap: Callable[[Connection], None] = lambda conn: None
         self.cork = Cork(schedule)
         self.presence = PresenceCoalescer(self._write_diff)
+        self._schedule = schedule
+        self._batches: dict[str, _PresenceBatch] = {}
+        self.cork.presence_waiting = self._batches
+        self.cork.flush_presence = self.flush_presence
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -269,19 +312,17 @@ class LocalChannels:
         frame = text_frame(d.payload)
         seq = d.seq
         exclude = d.exclude_user_id
+        if seq == 0 and d.type in presence_diff.TYPES:
+            self._presence_frame(d, members, frame)
+            return
+        if d.channel_id in self._batches:
+            self.flush_presence(d.channel_id)  # what came before goes first
         metrics, limits = self.metrics, self.limits
         written = 0
         if seq == 0:
             dropped = 0
-            coalesce = d.type in presence_diff.TYPES
-            coalesced = False
             for conn in members.values():
                 if exclude and conn.identity.user_id == exclude:
-                    continue
-                if coalesce and conn.multiplexed:
-                    if not coalesced:  # once per delivery, for every such member
-                        self.presence.add(d.channel_id, d.type, d.payload)
-                        coalesced = True
                     continue
                 if conn.state is State.LIVE or conn.state is State.SYNCING:
                     if conn.write(frame, metrics, limits, ephemeral=d.ephemeral):
@@ -310,6 +351,77 @@ class LocalChannels:
                 metrics.fanout_latency.observe(max(0, time.time_ns() - d.received_at_ns) / 1e9)
         if written:
             metrics.frames_out_for(d.type or "message").inc(written)
+
+    def _presence_frame(
+        self, d: channel_pb2.Deliver, members: dict[int, Connection], frame: bytes
+    ) -> None:
+        """A join or leave: into the channel's ``presence_diff`` for its
+        multiplexed members, into its batch for the others."""
+        multiplexed = per_channel = False
+        for conn in members.values():
+            if conn.multiplexed:
+                multiplexed = True
+            else:
+                per_channel = True
+            if multiplexed and per_channel:
+                break
+        if multiplexed:
+            self.presence.add(d.channel_id, d.type, d.payload)
+        if not per_channel:
+            return
+        batch = self._batches.get(d.channel_id)
+        first = batch is None
+        if batch is None:
+            batch = self._batches[d.channel_id] = _PresenceBatch()
+        batch.frames.append(frame)
+        batch.types.append(d.type)
+        batch.excluded.append(d.exclude_user_id)
+        batch.ephemeral = batch.ephemeral and d.ephemeral
+        if first:
+            channel_id = d.channel_id
+            self._schedule(PRESENCE_WINDOW, lambda: self.flush_presence(channel_id))
+
+    def flush_presence(self, channel_id: str) -> None:
+        """Write the channel's waiting joins and leaves to its live
+        per-channel sockets, one chunk per socket."""
+        batch = self._batches.pop(channel_id, None)
+        members = self.by_channel.get(channel_id)
+        if batch is None or not members:
+            return
+        shared = batch.frames[0] if len(batch.frames) == 1 else b"".join(batch.frames)
+        excluded = {user for user in batch.excluded if user}
+        late = batch.late
+        own: dict[tuple[str, int], tuple[bytes, list[str]]] = {}
+        shared_written = 0
+        written: list[str] = []  # frame types written to members with a chunk of their own
+        dropped: list[str] = []
+        metrics, limits = self.metrics, self.limits
+        for conn in members.values():
+            if conn.multiplexed or not (conn.state is State.LIVE or conn.state is State.SYNCING):
+                continue
+            user_id = conn.identity.user_id
+            start = late.get(conn.id, 0) if late else 0
+            if start or user_id in excluded:
+                key = (user_id if user_id in excluded else "", start)
+                chunk, types = own.get(key) or own.setdefault(key, _share(batch, *key))
+                if not types:
+                    continue
+            else:
+                chunk, types = shared, batch.types
+            if conn.write(chunk, metrics, limits, ephemeral=batch.ephemeral):
+                if chunk is shared:
+                    shared_written += 1
+                else:
+                    written.extend(types)
+            else:
+                dropped.extend(types)
+        for frame_type in set(batch.types):
+            count = batch.types.count(frame_type) * shared_written + written.count(frame_type)
+            if count:
+                metrics.frames_out_for(frame_type).inc(count)
+            lost = dropped.count(frame_type)
+            if lost:
+                metrics.dropped_frames.labels(frame_type).inc(lost)
 
     def _write_diff(self, channel_id: str, frame_for: Callable[[str], bytes | None]) -> None:
         members = self.by_channel.get(channel_id)
@@ -363,6 +475,10 @@ class LocalChannels:
         """The socket is open and `initial_state` went out: go live."""
         if conn.state is State.CLOSED:
             return
+        batch = self._batches.get(conn.channel_id)
+        if batch is not None:
+            # Joins and leaves from before its initial_state are not for it.
+            batch.late[conn.id] = len(batch.frames)
         conn.state = State.LIVE
         if not self.release_held(conn):
             conn.state = State.SYNCING
@@ -378,3 +494,10 @@ class LocalChannels:
         conn = self.by_id.get(r.conn_id)
         if conn is not None:
             conn.send(r.payload, self.metrics, self.limits, frame_type)
+
+
+def _share(batch: _PresenceBatch, user_id: str, start: int) -> tuple[bytes, list[str]]:
+    """The frames (and their types) from ``start`` on, except those not meant
+    for ``user_id``."""
+    keep = [i for i in range(start, len(batch.frames)) if batch.excluded[i] != user_id]
+    return b"".join(batch.frames[i] for i in keep), [batch.types[i] for i in keep]

@@ -9,7 +9,13 @@ import pytest
 np = pytest.importorskip("numpy")
 
 from bench.protocols import bench_content, parse_stamp  # noqa: E402
-from bench.stats import all_members, percentile, quantiles_ms, summarize_ns  # noqa: E402
+from bench.stats import (  # noqa: E402
+    all_members,
+    percentile,
+    quantiles_ms,
+    slowest_per_message_ms,
+    summarize_ns,
+)
 
 
 def test_percentile_interpolates_and_handles_empty() -> None:
@@ -76,3 +82,10 @@ def test_bench_content_is_sized_and_stamped() -> None:
     frame = b'{"type":"message","message":{"content":"' + content.encode() + b'"}}'
     assert parse_stamp(frame) == (42, 1_700_000_000_123_456_789)
     assert parse_stamp(b'{"type":"pong"}') is None
+
+
+def test_slowest_per_message_in_sending_order() -> None:
+    idx = [1, 0, 1, 3, 7, -1]
+    lat = [2_000_000, 1_500_000, 9_040_000, 250_000, 1, 1]
+    assert slowest_per_message_ms(idx, lat, sent=4) == [1.5, 9.0, None, 0.2]
+    assert slowest_per_message_ms([], [], sent=0) == []

@@ -7,10 +7,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import orjson
 import pytest
 
 from edge.auth import Identity
-from edge.connection import Connection, Limits, LocalChannels, State
+from edge.connection import PRESENCE_WINDOW, Connection, Limits, LocalChannels, State
 from edge.metrics import EdgeMetrics
 from edge.wsframe import text_frame
 from waddle_pb import channel_pb2
@@ -184,3 +185,131 @@ def test_a_busy_edge_flushes_later_to_batch_more() -> None:
     cork.last_cost, cork.last_end = 0.5, time.perf_counter()
     local.deliver(deliver(3))
     assert scheduled[0][0] == cork.MAX_DELAY
+
+
+class Timers:
+    """A scheduler the test runs by hand: (delay, callback) in order."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, Callable[[], None]]] = []
+
+    def __call__(self, delay: float, callback: Callable[[], None]) -> None:
+        self.pending.append((delay, callback))
+
+    def run(self, delay: float | None = None) -> None:
+        """Run the callbacks due after ``delay`` (all when None)."""
+        due = [t for t in self.pending if delay is None or t[0] == delay]
+        self.pending = [t for t in self.pending if t not in due]
+        for _, callback in due:
+            callback()
+
+
+def presence(user: str, kind: str = "user_connected") -> channel_pb2.Deliver:
+    return channel_pb2.Deliver(
+        channel_id="c",
+        payload=f'{{"type":"{kind}","userId":"{user}"}}'.encode(),
+        exclude_user_id=user,
+        ephemeral=True,
+        type=kind,
+    )
+
+
+def pframe(user: str, kind: str = "user_connected") -> bytes:
+    return text_frame(f'{{"type":"{kind}","userId":"{user}"}}'.encode())
+
+
+def test_a_crowd_of_joins_is_one_write_per_socket_in_order() -> None:
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=10_000), timers)
+    _, ta = live_conn(local, 1, "a")
+    _, tb = live_conn(local, 2, "b")
+    for user in ("x", "a", "y"):
+        local.deliver(presence(user))
+    local.deliver(presence("x", "user_disconnected"))
+    timers.run(0.0)
+    assert ta.chunks == [] and tb.chunks == [], "joins wait for their window"
+    assert [d for d, _ in timers.pending] == [PRESENCE_WINDOW], "one timer per channel"
+    timers.run(PRESENCE_WINDOW)  # the batch is corked ...
+    timers.run(0.0)  # ... and written
+    crowd = [pframe("x"), pframe("a"), pframe("y"), pframe("x", "user_disconnected")]
+    assert tb.chunks == [b"".join(crowd)]
+    assert ta.chunks == [b"".join(f for f in crowd if f != pframe("a"))], "never told of itself"
+    out = local.metrics.frames_out_for
+    assert out("user_connected")._value.get() == 5 and out("user_disconnected")._value.get() == 2
+
+
+def test_a_message_after_joins_sends_them_first() -> None:
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=10_000), timers)
+    _, ta = live_conn(local, 1, "a")
+    local.deliver(presence("x"))
+    local.deliver(deliver(1))
+    timers.run(0.0)
+    assert ta.chunks == [pframe("x") + text_frame(b'{"seq":1}')]
+    timers.run()
+    assert len(ta.chunks) == 1, "the window's timer finds nothing left to send"
+
+
+def test_a_member_going_live_gets_no_join_from_before_its_initial_state() -> None:
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=10_000), timers)
+    _, ta = live_conn(local, 1, "a")
+    local.deliver(presence("x"))
+    late = Connection(id=2, channel_id="c", identity=ident("b"), joined_at_ms=0)
+    late.transport = tb = MemoryTransport()
+    local.add(late)
+    late.send(b'{"type":"initial_state"}', local.metrics, local.limits, "initial_state")
+    local.activate(late)  # initial_state already listed x
+    local.deliver(presence("y"))
+    local.deliver(presence("z"))
+    assert [d for d, _ in timers.pending] == [PRESENCE_WINDOW, 0.0], "a join sends no batch"
+    timers.run(PRESENCE_WINDOW)
+    timers.run(0.0)
+    assert ta.chunks == [pframe("x") + pframe("y") + pframe("z")]
+    assert tb.chunks == [text_frame(b'{"type":"initial_state"}') + pframe("y") + pframe("z")]
+
+
+async def test_multiplexed_members_get_a_diff_not_the_batch() -> None:
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=10_000), timers)
+    mux, tm = live_conn(local, 1, "m")
+    mux.multiplexed = True
+    _, tb = live_conn(local, 2, "b")
+    local.deliver(presence("x"))
+    timers.run()
+    timers.run()
+    assert tb.chunks == [pframe("x")] and tm.chunks == []
+    local.presence.flush("c")  # the diff's own window ends
+    timers.run()
+    assert [orjson.loads(c[2:]) for c in tm.chunks] == [
+        {
+            "type": "presence_diff",
+            "channelId": "c",
+            "joins": [{"userId": "x", "username": "", "status": "online"}],
+            "leaves": [],
+        }
+    ]
+
+
+def test_a_slow_consumer_drops_the_batch_whole() -> None:
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=100), timers)
+    _, slow = live_conn(local, 1, "slow")
+    slow.buffered = 1000
+    local.deliver(presence("x"))
+    local.deliver(presence("y"))
+    timers.run()
+    assert slow.chunks == []
+    assert local.metrics.dropped_frames.labels("user_connected")._value.get() == 2
+
+
+def test_a_frame_from_the_edge_does_not_overtake_waiting_joins() -> None:
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=10_000), timers)
+    conn, ta = live_conn(local, 1, "a")
+    _, tb = live_conn(local, 2, "b")
+    local.deliver(presence("x"))
+    conn.send(b'{"type":"pong"}', local.metrics, local.limits, "pong")
+    timers.run(0.0)
+    assert ta.chunks == [pframe("x") + text_frame(b'{"type":"pong"}')]
+    assert tb.chunks == [pframe("x")], "the batch went to every member"
