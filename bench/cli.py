@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", type=int, default=None, help="load-generator processes (receivers split)"
     )
+    p.add_argument(
+        "--edge-workers",
+        type=int,
+        default=None,
+        help="Waddle's WADDLE_EDGE_WORKERS in fanout, throughput, join-storm and the others "
+        "(hibernation and huge-channel set their own)",
+    )
     p.add_argument("--connect-timeout", type=float, default=None)
     p.add_argument(
         "--database-url",
@@ -229,6 +236,7 @@ def make_config(args: argparse.Namespace) -> Config:
         "huge_runs": args.huge_runs,
         "huge_edge_workers": args.huge_edge_workers,
         "workers": args.workers,
+        "edge_workers": args.edge_workers,
         "connect_timeout": args.connect_timeout,
     }
     for key, value in overrides.items():
@@ -331,6 +339,11 @@ async def _no_shared_system(system: systems.System, ctx: Context) -> dict[str, A
     raise AssertionError("the hibernation and huge-channel scenarios start their own systems")
 
 
+def _edge_env(cfg: Config) -> dict[str, str]:
+    """Waddle's environment for the scenarios that take ``--edge-workers``."""
+    return {"WADDLE_EDGE_WORKERS": str(cfg.edge_workers)} if cfg.edge_workers > 1 else {}
+
+
 def _launcher(name: str, tmp: Path, database_url: str | None) -> scenarios.Launcher:
     def launch(
         env: Mapping[str, str] | None, label: str
@@ -417,7 +430,7 @@ async def _one_run(
         if args.smoke:
             shared = contextlib.AsyncExitStack()
             shared_system = await shared.enter_async_context(
-                systems.launch(name, tmp / name, args.database_url)
+                systems.launch(name, tmp / name, args.database_url, _edge_env(cfg))
             )
         try:
             for scenario, fn in groups:
@@ -447,7 +460,7 @@ async def _one_run(
                         per[scenario] = await fn(shared_system, ctx)
                     else:
                         async with systems.launch(
-                            name, tmp / f"{name}-{scenario}", args.database_url
+                            name, tmp / f"{name}-{scenario}", args.database_url, _edge_env(cfg)
                         ) as system:
                             if name == "waddle":
                                 per["database"] = system.database

@@ -23,7 +23,6 @@ import uuid
 from typing import Any
 
 import aiohttp
-import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import procstat
@@ -40,23 +39,7 @@ from bench.scenarios import (
     _window,
     scrape,
 )
-from bench.systems import System
-
-
-def edge_workers(system: System) -> dict[str, int]:
-    """The edge's worker processes by role (``edge-w0``...), or the edge itself."""
-    edge = system.service("edge")
-    try:
-        children = psutil.Process(edge.pid).children()
-    except psutil.Error:
-        children = []
-    if not children:
-        return {"edge": edge.pid}
-    out: dict[str, int] = {}
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            out["edge " + child.environ().get("WADDLE_EDGE_ID", str(child.pid))] = child.pid
-    return out
+from bench.systems import System, edge_workers
 
 
 async def per_worker_connections(system: System) -> dict[str, float]:

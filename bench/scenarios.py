@@ -88,6 +88,7 @@ class Config:
     replay_messages: int = 1000
     replay_rounds: int = 3
     workers: int = 1
+    edge_workers: int = 1  # WADDLE_EDGE_WORKERS (not for hibernation and huge-channel)
     drain: float = 10.0
     connect_timeout: float = 240.0
     profile_seconds: float = 0.0  # > 0: py-spy the server during one throughput step

@@ -60,6 +60,25 @@ WADDLE_ENV = {
 }
 
 
+def edge_workers(system: System) -> dict[str, int]:
+    """The edge's worker processes by role (``edge <id>``), or the edge itself
+    (nothing for a system without one)."""
+    edge = next((s for s in system.services if s.name == "edge"), None)
+    if edge is None:
+        return {}
+    try:
+        children = psutil.Process(edge.pid).children()
+    except psutil.Error:
+        children = []
+    if not children:
+        return {"edge": edge.pid}
+    out: dict[str, int] = {}
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            out["edge " + child.environ().get("WADDLE_EDGE_ID", str(child.pid))] = child.pid
+    return out
+
+
 @dataclass(eq=False)
 class System:
     name: str
@@ -75,8 +94,12 @@ class System:
         return LABELS[self.name]
 
     def pids(self) -> dict[str, int]:
-        """Server-side processes by role (edge, channel, store / server, redis)."""
-        return {**{s.name: s.pid for s in self.services}, **self.extra_pids}
+        """Server-side processes by role (edge, channel, store / server, redis),
+        and Waddle's edge workers (``edge <id>``) when it has them."""
+        out = {**{s.name: s.pid for s in self.services}, **self.extra_pids}
+        for role, pid in edge_workers(self).items():
+            out.setdefault(role, pid)
+        return out
 
     def edge_pid(self) -> int:
         """The process that holds the client sockets."""

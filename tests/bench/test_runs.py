@@ -106,3 +106,14 @@ def test_flame_graph_boxes_are_proportional_to_samples() -> None:
         assert title is not None and title.text and rect is not None
         widths[title.text.split(" (")[0]] = float(rect.get("width", "nan"))
     assert widths == {"a.py:main": 400.0, "a.py:hot": 300.0, "a.py:cold": 100.0}
+
+
+def test_edge_workers_reach_waddle_and_their_cpu_is_counted() -> None:
+    from bench.cli import _edge_env, make_config
+    from bench.systems import System
+
+    assert _edge_env(make_config(build_parser().parse_args([]))) == {}
+    cfg = make_config(build_parser().parse_args(["--edge-workers", "2"]))
+    assert cfg.edge_workers == 2 and _edge_env(cfg) == {"WADDLE_EDGE_WORKERS": "2"}
+    # A peer has no edge: its processes are what it started.
+    assert System("floor", "floor", "", extra_pids={"server": 1}).pids() == {"server": 1}
