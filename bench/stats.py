@@ -76,20 +76,33 @@ class AllMembers:
     duplicates: int  # deliveries beyond the expected count (should be 0)
 
 
+def _slowest(
+    message_idx: npt.ArrayLike, latency_ns: npt.ArrayLike, sent: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The deliveries of messages ``0 .. sent - 1`` (their message indices) and
+    each message's largest latency (``_NONE`` for a message nobody got)."""
+    idx = np.asarray(message_idx, dtype=np.int64)
+    lat = np.asarray(latency_ns, dtype=np.int64)
+    if idx.shape != lat.shape:
+        raise ValueError("message_idx and latency_ns differ in length")
+    keep = (idx >= 0) & (idx < sent)
+    idx, lat = idx[keep], lat[keep]
+    last = np.full(max(sent, 0), _NONE, dtype=np.int64)
+    np.maximum.at(last, idx, lat)
+    return idx, last
+
+
+_NONE = np.iinfo(np.int64).min
+
+
 def slowest_per_message_ms(
     message_idx: npt.ArrayLike, latency_ns: npt.ArrayLike, *, sent: int
 ) -> list[float | None]:
     """Each message's slowest delivery (ms, 0.1 ms), in sending order; None for
     a message nobody got. With a steady sender, message ``i`` left at ``i /
     rate``: this is the window's latency over time."""
-    idx = np.asarray(message_idx, dtype=np.int64)
-    lat = np.asarray(latency_ns, dtype=np.int64)
-    if idx.shape != lat.shape:
-        raise ValueError("message_idx and latency_ns differ in length")
-    keep = (idx >= 0) & (idx < sent)
-    last = np.full(max(sent, 0), -1, dtype=np.int64)
-    np.maximum.at(last, idx[keep], lat[keep])
-    return [None if v < 0 else round(v / 1e6, 1) for v in last.tolist()]
+    _, last = _slowest(message_idx, latency_ns, sent)
+    return [None if v == _NONE else round(v / 1e6, 1) for v in last.tolist()]
 
 
 def all_members(
@@ -106,17 +119,10 @@ def all_members(
     least ``expected_per_message`` deliveries; its all-members latency is the
     largest latency among its deliveries.
     """
-    idx = np.asarray(message_idx, dtype=np.int64)
-    lat = np.asarray(latency_ns, dtype=np.int64)
-    if idx.shape != lat.shape:
-        raise ValueError("message_idx and latency_ns differ in length")
+    idx, last = _slowest(message_idx, latency_ns, sent)
     if sent <= 0:
         return AllMembers(np.zeros(0, dtype=np.int64), 0, 0, 0)
-    keep = (idx >= 0) & (idx < sent)
-    idx, lat = idx[keep], lat[keep]
     counts = np.bincount(idx, minlength=sent)
-    last = np.full(sent, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(last, idx, lat)
     done = counts >= expected_per_message
     extra = np.clip(counts - expected_per_message, 0, None)
     return AllMembers(

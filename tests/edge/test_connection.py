@@ -53,11 +53,16 @@ def live_conn(
 
 
 def deliver(
-    seq: int, *, exclude: str = "", ephemeral: bool = False, kind: str = "message"
+    seq: int,
+    *,
+    exclude: str = "",
+    ephemeral: bool = False,
+    kind: str = "message",
+    payload: bytes | None = None,
 ) -> channel_pb2.Deliver:
     return channel_pb2.Deliver(
         channel_id="c",
-        payload=f'{{"seq":{seq}}}'.encode(),
+        payload=f'{{"seq":{seq}}}'.encode() if payload is None else payload,
         seq=seq,
         exclude_user_id=exclude,
         ephemeral=ephemeral,
@@ -204,18 +209,18 @@ class Timers:
             callback()
 
 
+def presence_payload(user: str, kind: str) -> bytes:
+    return f'{{"type":"{kind}","userId":"{user}"}}'.encode()
+
+
 def presence(user: str, kind: str = "user_connected") -> channel_pb2.Deliver:
-    return channel_pb2.Deliver(
-        channel_id="c",
-        payload=f'{{"type":"{kind}","userId":"{user}"}}'.encode(),
-        exclude_user_id=user,
-        ephemeral=True,
-        type=kind,
-    )
+    """A join or leave, as the owner sends it: not for the user it is about."""
+    payload = presence_payload(user, kind)
+    return deliver(0, exclude=user, ephemeral=True, kind=kind, payload=payload)
 
 
 def pframe(user: str, kind: str = "user_connected") -> bytes:
-    return text_frame(f'{{"type":"{kind}","userId":"{user}"}}'.encode())
+    return text_frame(presence_payload(user, kind))
 
 
 def test_a_crowd_of_joins_is_one_write_per_socket_in_order() -> None:
