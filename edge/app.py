@@ -2,8 +2,11 @@
 socket, and v1.1, many), the chat page, health, metrics and (in
 development mode only) a token minting route.
 
-Shared resources live on the application (``edge.runtime``); each WebSocket
-is served by one handler coroutine that unregisters in ``finally``.
+Shared resources live on the application (``edge.runtime``). A WebSocket's
+handler admits it, joins (v1) and upgrades it; from then on the socket is
+the edge's (``edge.upgraded``) and its session (``ChannelSocket`` here,
+``edge.mux.MuxSocket`` for v1.1) handles its frames as they arrive and
+unregisters it when it ends: no coroutine stays behind per socket.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from aiohttp import WSMessage, WSMsgType, web
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from edge import frames, joining, mux, protocol
+from edge import frames, joining, mux, protocol, upgraded
 from edge.auth import (
     DEV_CLAIM,
     SUBPROTOCOL,
@@ -29,11 +33,12 @@ from edge.auth import (
     extract_token,
     mint_token,
 )
-from edge.connection import Connection, State, close_ws
-from edge.heartbeat import HEARTBEAT, heartbeat_ctx
+from edge.connection import Connection, State
+from edge.heartbeat import HEARTBEAT, Heartbeat, heartbeat_ctx
 from edge.limits import ConnectionBudget
 from edge.runtime import RUNTIME, SETTINGS, EdgeRuntime, drain, refuse, runtime_ctx
 from edge.shards import ShardRouter
+from edge.upgraded import EdgeSocket
 from waddle_common import wire
 from waddle_common.settings import Settings
 
@@ -73,15 +78,6 @@ async def _admit(request: web.Request, channel_id: str | None) -> Identity | web
     return identity
 
 
-def _websocket(settings: Settings) -> web.WebSocketResponse:
-    # No per-socket heartbeat timer: the edge's one ``Heartbeat`` pings every socket.
-    return web.WebSocketResponse(
-        protocols=(SUBPROTOCOL,),
-        max_msg_size=settings.max_frame_bytes,
-        compress=False,
-    )
-
-
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     """v1: one channel per socket, joined before the upgrade."""
     runtime = request.app[RUNTIME]
@@ -93,6 +89,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if isinstance(admitted, web.Response):
         return admitted
     identity = admitted
+    subprotocol = await upgraded.checked(request, (SUBPROTOCOL,))
     conn = Connection(
         id=next(runtime.conn_ids),
         channel_id=channel_id,
@@ -108,21 +105,22 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             return refuse(runtime, 429, "Too many connections", "user_limit", retry=True)
         return refuse(runtime, 503, "Channel unavailable", "unavailable", retry=True)
     conn.cursor = conn.floor = outcome.last_seq
-    # This frame lives as long as the connection: keep nothing big in it.
     initial_state = outcome.initial_state
-    del outcome
-
-    ws = _websocket(settings)
+    heartbeat = request.app[HEARTBEAT]
     try:
-        await ws.prepare(request)
+        sock, tail = upgraded.take_over(
+            request,
+            subprotocol,
+            max_size=settings.max_frame_bytes,
+            session=lambda sock: ChannelSocket(runtime, conn, link, heartbeat, sock),
+        )
     except BaseException:
         link.leave(conn)
         runtime.local.remove(conn)
         raise
-
-    conn.ws = ws
-    conn.transport = request.transport
-    request.app[HEARTBEAT].add(ws, request.transport)
+    conn.ws = sock
+    conn.transport = sock.transport
+    heartbeat.add(sock)
     runtime.sockets += 1
     runtime.metrics.connects.inc()
     log.info(
@@ -130,40 +128,75 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         extra={"channel_id": channel_id, "user_id": identity.user_id, "conn_id": conn.id},
     )
     runtime.expiry.watch(conn)
-    try:
-        conn.send(initial_state, runtime.metrics, runtime.local.limits, "initial_state")
-        del initial_state
-        runtime.local.activate(conn)
-        # Budgets are made on the first frame: a silent connection costs none.
-        budget: ConnectionBudget | None = None
-        async for msg in ws:
-            if conn.state is State.CLOSED:
-                break
-            if budget is None:
-                budget = ConnectionBudget.create(runtime.rates, asyncio.get_running_loop().time())
-            if not _on_frame(runtime, conn, link, budget, msg):
-                break
-    finally:
+    conn.send(initial_state, runtime.metrics, runtime.local.limits, "initial_state")
+    runtime.local.activate(conn)
+    sock.feed(tail)
+    return upgraded.taken_over()
+
+
+@dataclass(eq=False, slots=True)
+class ChannelSocket:
+    """A v1 socket's session: its frames go to its one channel."""
+
+    runtime: EdgeRuntime
+    conn: Connection
+    link: ShardRouter
+    heartbeat: Heartbeat
+    sock: EdgeSocket
+    # Made on the first frame: a silent connection costs none.
+    budget: ConnectionBudget | None = None
+
+    def _budget(self) -> ConnectionBudget:
+        budget = self.budget
+        if budget is None:
+            loop_time = asyncio.get_running_loop().time()
+            budget = self.budget = ConnectionBudget.create(self.runtime.rates, loop_time)
+        return budget
+
+    def on_text(self, text: str) -> bool:
+        conn, runtime = self.conn, self.runtime
+        if conn.state is State.CLOSED:
+            return False
+        budget = self._budget()
+        try:
+            frame = protocol.parse_client_frame(
+                text, max_message_length=runtime.settings.max_message_length
+            )
+        except protocol.ProtocolError as exc:
+            runtime.metrics.frames_in.labels("invalid").inc()
+            return frames.refuse_frame(runtime, conn, budget, exc.frame(conn.channel_id))
+        refused = frames.take_frame(runtime, conn, budget, frame, conn.channel_id)
+        if refused is not None:
+            return refused
+        return frames.channel_frame(runtime, conn, self.link, budget, frame)
+
+    def on_binary(self) -> bool:
+        conn, runtime = self.conn, self.runtime
+        if conn.state is State.CLOSED:
+            return False
+        runtime.metrics.frames_in.labels("binary").inc()
+        return frames.refuse_frame(
+            runtime, conn, self._budget(), wire.error_frame(wire.BINARY_UNSUPPORTED)
+        )
+
+    def on_closed(self, code: int | None) -> None:
+        runtime, conn = self.runtime, self.conn
         runtime.sockets -= 1
-        request.app[HEARTBEAT].discard(ws)
-        if conn.close_code is not None and not ws.closed:
-            # Closed by policy from inside the handler: send that code, not 1000.
-            await close_ws(ws, conn.transport, conn.close_code, conn.close_reason)
+        self.heartbeat.discard(self.sock)
         conn.state = State.CLOSED
-        link.leave(conn)
+        self.link.leave(conn)
         runtime.local.remove(conn)
         if conn.sync_task is not None:
             conn.sync_task.cancel()
         log.info(
             "disconnected",
             extra={
-                "channel_id": channel_id,
-                "user_id": identity.user_id,
+                "channel_id": conn.channel_id,
+                "user_id": conn.identity.user_id,
                 "conn_id": conn.id,
-                "close_code": ws.close_code,
+                "close_code": code,
             },
         )
-    return ws
 
 
 async def multiplexed_handler(request: web.Request) -> web.StreamResponse:
@@ -172,48 +205,20 @@ async def multiplexed_handler(request: web.Request) -> web.StreamResponse:
     admitted = await _admit(request, None)
     if isinstance(admitted, web.Response):
         return admitted
-    ws = _websocket(runtime.settings)
-    await ws.prepare(request)
-    request.app[HEARTBEAT].add(ws, request.transport)
+    subprotocol = await upgraded.checked(request, (SUBPROTOCOL,))
+    heartbeat = request.app[HEARTBEAT]
+    sock, tail = upgraded.take_over(
+        request,
+        subprotocol,
+        max_size=runtime.settings.max_frame_bytes,
+        session=lambda sock: mux.open_socket(runtime, sock, admitted, heartbeat),
+    )
+    heartbeat.add(sock)
     runtime.sockets += 1
     runtime.metrics.connects.inc()
     log.info("connected", extra={"user_id": admitted.user_id, "endpoint": "multiplexed"})
-    try:
-        await mux.serve(runtime, request, ws, admitted)
-    finally:
-        runtime.sockets -= 1
-        request.app[HEARTBEAT].discard(ws)
-        log.info(
-            "disconnected",
-            extra={"user_id": admitted.user_id, "close_code": ws.close_code},
-        )
-    return ws
-
-
-def _on_frame(
-    runtime: EdgeRuntime,
-    conn: Connection,
-    link: ShardRouter,
-    budget: ConnectionBudget,
-    msg: WSMessage,
-) -> bool:
-    """Handle one v1 client frame; return False when the connection must end."""
-    if msg.type is WSMsgType.BINARY:
-        runtime.metrics.frames_in.labels("binary").inc()
-        return frames.refuse_frame(runtime, conn, budget, wire.error_frame(wire.BINARY_UNSUPPORTED))
-    if msg.type is not WSMsgType.TEXT:
-        return msg.type is not WSMsgType.ERROR
-    try:
-        frame = protocol.parse_client_frame(
-            msg.data, max_message_length=runtime.settings.max_message_length
-        )
-    except protocol.ProtocolError as exc:
-        runtime.metrics.frames_in.labels("invalid").inc()
-        return frames.refuse_frame(runtime, conn, budget, exc.frame(conn.channel_id))
-    refused = frames.take_frame(runtime, conn, budget, frame, conn.channel_id)
-    if refused is not None:
-        return refused
-    return frames.channel_frame(runtime, conn, link, budget, frame)
+    sock.feed(tail)
+    return upgraded.taken_over()
 
 
 def origin_allowed(request: web.Request, allowed: Sequence[str]) -> bool:

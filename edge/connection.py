@@ -42,14 +42,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from aiohttp import web
-from aiohttp.base_protocol import BaseProtocol
-
 from edge import presence_diff
 from edge.auth import Identity
 from edge.metrics import EdgeMetrics
 from edge.presence_diff import PresenceCoalescer
 from edge.protocol import Sync
+from edge.upgraded import EdgeSocket
 from edge.wsframe import text_frame
 from waddle_common import wire
 from waddle_pb import channel_pb2
@@ -129,7 +127,7 @@ class Connection:
     joined_at_ms: int
     status: str = "online"
     state: State = State.JOINING
-    ws: web.WebSocketResponse | None = None
+    ws: EdgeSocket | None = None
     transport: asyncio.Transport | None = None
     cursor: int = 0  # highest seq delivered; (floor, cursor] all went out
     floor: int = 0
@@ -184,13 +182,10 @@ class Connection:
     async def drained(self) -> None:
         """Return once the socket's write buffer is below the transport's
         high-water mark; raise ``ConnectionError`` when the socket is gone."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        ws = self.ws
+        if ws is None:
             raise ConnectionError("connection closed")
-        protocol = transport.get_protocol()
-        if isinstance(protocol, BaseProtocol):
-            # aiohttp's own writers wait on this same flow-control waiter.
-            await protocol._drain_helper()
+        await ws.drained()
 
     def send(self, payload: bytes, metrics: EdgeMetrics, limits: Limits, frame_type: str) -> None:
         """A frame for this connection alone (ack, error, pong, replay)."""
@@ -213,32 +208,8 @@ class Connection:
         self.flush()
         self.state = State.CLOSED
         self.close_code, self.close_reason = code, reason
-        ws = self.ws
-        if ws is not None and not ws.closed:
-            task = asyncio.ensure_future(close_ws(ws, self.transport, code, reason))
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
-
-
-_closing: set[asyncio.Future[None]] = set()
-
-# A peer that takes nothing (not even the close frame) for this long is cut
-# off: aiohttp's close waits for the send buffer to drain, with no bound.
-CLOSE_TIMEOUT = 5.0
-
-
-async def close_ws(
-    ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, reason: str
-) -> None:
-    """Close with ``code``; abort the TCP connection if the peer does not drain."""
-    try:
-        await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
-    except TimeoutError:
-        if transport is not None:
-            # close() would keep the unsent buffer until the peer reads it.
-            transport.abort()
-    except Exception:  # the socket is going away either way
-        pass
+        if self.ws is not None:
+            self.ws.close(code, reason)
 
 
 @dataclass(slots=True)

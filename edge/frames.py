@@ -98,8 +98,8 @@ def channel_frame(
 ) -> bool:
     """Act on one frame for ``conn``'s channel; return False when the socket must end.
 
-    Synchronous on purpose: nothing here waits, and an idle connection then
-    costs one coroutine frame (the handler's), not a stack of them."""
+    Synchronous on purpose: frames are handled as they are parsed
+    (``edge.upgraded``), and nothing waits per socket."""
     metrics, limits = runtime.metrics, runtime.local.limits
     match frame:
         case protocol.Ping():

@@ -28,11 +28,11 @@ subclasses, to build an ``EdgeServer`` (a ``web.Server``: the protocol
 factory, whose request handler it wraps to see a request reach the
 application), which makes an ``EdgeRequestHandler`` (a
 ``web.RequestHandler``) per connection. That class overrides the protocol
-callbacks (``connection_made``/``connection_lost``), ``set_parser`` (where
-a WebSocket's frame reader is installed: wrapped in the mask check of
-``edge.masking``) and ``handle_error`` (a request the parser refused gets a
-400 and one info log line that quotes nothing of it: a header value could
-be a token).
+callbacks (``connection_made``/``connection_lost``) and ``handle_error`` (a
+request the parser refused gets a 400 and one info log line that quotes
+nothing of it: a header value could be a token), and adds ``detach``: an
+accepted WebSocket upgrade hands the transport to the edge
+(``edge.upgraded``), and aiohttp forgets the connection.
 """
 
 from __future__ import annotations
@@ -53,8 +53,6 @@ from aiohttp.http_exceptions import (
     LineTooLong,
 )
 from aiohttp.web_request import BaseRequest
-
-from edge.masking import MaskedFramesOnly
 
 log = logging.getLogger("edge.http")
 
@@ -162,14 +160,14 @@ def describe_bad_request(exc: BaseException) -> str:
 class EdgeRequestHandler(web.RequestHandler):
     """aiohttp's HTTP protocol, one per connection, with the edge's checks."""
 
-    __slots__ = ("_handshakes", "_websocket")
+    __slots__ = ("_detached", "_handshakes")
 
     def __init__(
         self, manager: EdgeServer, *, handshakes: PendingHandshakes, **kwargs: Any
     ) -> None:
         super().__init__(manager, **kwargs)
         self._handshakes = handshakes
-        self._websocket = False
+        self._detached = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -183,19 +181,27 @@ class EdgeRequestHandler(web.RequestHandler):
         self._handshakes.done(self)
 
     def request_finished(self) -> None:
-        # A WebSocket's handler returns when the socket is over; anything
-        # else may carry on with another request on this connection.
-        if not self._websocket and self.transport is not None and not self.transport.is_closing():
+        # Another request may follow on this connection, unless it was
+        # upgraded (and is no longer aiohttp's).
+        if not self._detached and self.transport is not None and not self.transport.is_closing():
             self._handshakes.wait(self)
 
-    def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
-        self._websocket = True
-        self._handshakes.done(self)
-        checked = MaskedFramesOnly(parser, self._unmasked_frame)
-        super().set_parser(checked, data_received_cb)  # type: ignore[arg-type]
-
-    def _unmasked_frame(self) -> None:
-        log.info("unmasked client frame", extra={"remote": _peer(self.peername)})
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Give up the connection for an accepted WebSocket upgrade: return
+        its transport and the bytes that came after the request, and keep
+        nothing. The server stops counting it, nothing here writes to it
+        again, and the handler's response (``edge.upgraded.taken_over``)
+        writes nothing."""
+        transport = self.transport
+        if transport is None or self._detached:
+            raise ConnectionResetError("connection closed before the upgrade")
+        self._detached = True
+        tail, self._message_tail = self._message_tail, b""
+        # As if the connection were gone, but without closing it: the server
+        # forgets it and the parser and keep-alive timer go.
+        self.transport = None
+        self.connection_lost(None)
+        return transport, tail
 
     def handle_error(
         self,
@@ -278,9 +284,3 @@ class EdgeRunner(web.AppRunner):
             loop=asyncio.get_running_loop(),
             **self._kwargs,
         )
-
-
-def _peer(peername: object) -> str | None:
-    if isinstance(peername, (list, tuple)) and peername:
-        return str(peername[0])
-    return None if peername is None else str(peername)

@@ -1,7 +1,7 @@
 """WebSocket heartbeats for a whole edge: one timer, not one per socket.
 
-aiohttp's ``heartbeat=`` arms a timer per socket and re-arms it as frames
-arrive, so every idle connection costs a timer. Here one timer per edge
+A timer per socket (aiohttp's ``heartbeat=``, re-armed as frames arrive)
+would make every idle connection cost one. Here one timer per edge
 writes a heartbeat frame to every open WebSocket once each ``interval``
 seconds. The sockets are spread over ``interval / STEP`` buckets (by a hash
 of the socket, so nothing is kept to find a socket's bucket) and each tick,
@@ -28,7 +28,7 @@ it. What the heartbeat is for holds without one:
   the option does not exist (not Linux), dead peers are found by TCP's own
   retransmission limit.
 
-Browsers and WebSocket libraries ignore unsolicited pongs; aiohttp still
+Browsers and WebSocket libraries ignore unsolicited pongs; the edge still
 answers a client's own pings. Nothing is kept per heartbeat.
 """
 
@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from edge.runtime import SETTINGS
+from edge.upgraded import EdgeSocket
 
 log = logging.getLogger("edge.heartbeat")
 
@@ -77,9 +78,7 @@ class Heartbeat:
         self.slots = max(1, round(interval / step))
         self.step = interval / self.slots
         self.slice_size = slice_size
-        self._buckets: list[dict[web.WebSocketResponse, asyncio.Transport]] = [
-            {} for _ in range(self.slots)
-        ]
+        self._buckets: list[dict[EdgeSocket, asyncio.Transport]] = [{} for _ in range(self.slots)]
         self._next = 0  # the bucket the next tick beats
         self._timer: asyncio.TimerHandle | None = None
         self.beats = 0  # frames written, for tests and curiosity
@@ -87,22 +86,21 @@ class Heartbeat:
     def __len__(self) -> int:
         return sum(len(bucket) for bucket in self._buckets)
 
-    def _bucket(self, ws: web.WebSocketResponse) -> dict[web.WebSocketResponse, asyncio.Transport]:
+    def _bucket(self, sock: EdgeSocket) -> dict[EdgeSocket, asyncio.Transport]:
         # Fibonacci hashing of the identity: objects allocated at a fixed
         # stride would otherwise fill some buckets and leave others empty.
-        return self._buckets[((hash(ws) * 0x9E3779B97F4A7C15) >> 32) % self.slots]
+        return self._buckets[((hash(sock) * 0x9E3779B97F4A7C15) >> 32) % self.slots]
 
-    def add(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
-        if transport is None:
-            return
+    def add(self, sock: EdgeSocket) -> None:
+        transport = sock.transport
         set_user_timeout(transport, 2 * self.interval)
-        self._bucket(ws)[ws] = transport
+        self._bucket(sock)[sock] = transport
         if self._timer is None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.step, self._tick)
 
-    def discard(self, ws: web.WebSocketResponse) -> None:
-        self._bucket(ws).pop(ws, None)
+    def discard(self, sock: EdgeSocket) -> None:
+        self._bucket(sock).pop(sock, None)
 
     def _tick(self) -> None:
         self._timer = None
@@ -115,13 +113,11 @@ class Heartbeat:
         if bucket:
             self._beat(list(bucket.items()), 0)
 
-    def _beat(
-        self, sockets: list[tuple[web.WebSocketResponse, asyncio.Transport]], start: int
-    ) -> None:
+    def _beat(self, sockets: list[tuple[EdgeSocket, asyncio.Transport]], start: int) -> None:
         end = start + self.slice_size
-        for ws, transport in sockets[start:end]:
+        for sock, transport in sockets[start:end]:
             # A socket that is closing must not get a frame after its close frame.
-            if not ws.closed and not transport.is_closing():
+            if sock.open and not transport.is_closing():
                 transport.write(HEARTBEAT_FRAME)
                 self.beats += 1
         if end < len(sockets):

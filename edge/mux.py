@@ -22,13 +22,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSMessage, WSMsgType, web
-
 from edge import frames, joining, protocol
 from edge.auth import Identity
-from edge.connection import Connection, State, close_ws
+from edge.connection import Connection, State
+from edge.heartbeat import Heartbeat
 from edge.limits import ConnectionBudget
 from edge.runtime import EdgeRuntime
+from edge.upgraded import EdgeSocket
 from waddle_common import wire
 
 log = logging.getLogger("edge.mux")
@@ -43,14 +43,20 @@ _REFUSED: dict[str, tuple[wire.ErrorKind, int | None]] = {
 
 @dataclass(eq=False)
 class MuxSocket:
-    """One multiplexed socket: its user, its subscriptions and a control
-    connection that carries the frames about no channel (pong, errors)."""
+    """One multiplexed socket (the session of its ``EdgeSocket``): its user,
+    its subscriptions and a control connection that carries the frames
+    about no channel (pong, errors)."""
 
     id: int
     identity: Identity
     control: Connection
+    runtime: EdgeRuntime
+    heartbeat: Heartbeat
+    sock: EdgeSocket
     subs: dict[str, Connection] = field(default_factory=dict)
     joins: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # Made on the first frame: a silent socket costs none.
+    budget: ConnectionBudget | None = None
 
     @property
     def state(self) -> State:
@@ -58,6 +64,43 @@ class MuxSocket:
 
     def close(self, code: int, reason: str) -> None:
         self.control.close(code, reason)
+
+    def _budget(self) -> ConnectionBudget:
+        budget = self.budget
+        if budget is None:
+            loop_time = asyncio.get_running_loop().time()
+            budget = self.budget = ConnectionBudget.create(self.runtime.rates, loop_time)
+        return budget
+
+    def on_text(self, text: str) -> bool:
+        if self.control.state is State.CLOSED:
+            return False
+        return on_frame(self.runtime, self, self._budget(), text)
+
+    def on_binary(self) -> bool:
+        if self.control.state is State.CLOSED:
+            return False
+        self.runtime.metrics.frames_in.labels("binary").inc()
+        return frames.refuse_frame(
+            self.runtime, self.control, self._budget(), wire.error_frame(wire.BINARY_UNSUPPORTED)
+        )
+
+    def on_closed(self, code: int | None) -> None:
+        runtime = self.runtime
+        runtime.sockets -= 1
+        self.heartbeat.discard(self.sock)
+        self.control.state = State.CLOSED
+        for task in list(self.joins.values()):
+            task.cancel()
+        for conn in self.subs.values():
+            _detach(runtime, conn)
+        self.subs.clear()
+        runtime.local.release_user(self.identity.user_id)
+        runtime.mux_controls.discard(self.control)
+        log.info(
+            "disconnected",
+            extra={"user_id": self.identity.user_id, "close_code": code},
+        )
 
 
 def _subscribed(sock: MuxSocket, channel_id: str) -> Connection | None:
@@ -174,21 +217,12 @@ def unsubscribe(runtime: EdgeRuntime, sock: MuxSocket, channel_id: str) -> None:
     )
 
 
-def on_frame(
-    runtime: EdgeRuntime, sock: MuxSocket, budget: ConnectionBudget, msg: WSMessage
-) -> bool:
-    """Handle one client frame; return False when the socket must end."""
+def on_frame(runtime: EdgeRuntime, sock: MuxSocket, budget: ConnectionBudget, text: str) -> bool:
+    """Handle one client text frame; return False when the socket must end."""
     control, metrics = sock.control, runtime.metrics
-    if msg.type is WSMsgType.BINARY:
-        metrics.frames_in.labels("binary").inc()
-        return frames.refuse_frame(
-            runtime, control, budget, wire.error_frame(wire.BINARY_UNSUPPORTED)
-        )
-    if msg.type is not WSMsgType.TEXT:
-        return msg.type is not WSMsgType.ERROR
     try:
         channel_id, frame = protocol.parse_frame(
-            msg.data, max_message_length=runtime.settings.max_message_length, multiplexed=True
+            text, max_message_length=runtime.settings.max_message_length, multiplexed=True
         )
     except protocol.ProtocolError as exc:
         metrics.frames_in.labels("invalid").inc()
@@ -216,41 +250,29 @@ def on_frame(
     return True
 
 
-async def serve(
-    runtime: EdgeRuntime, request: web.Request, ws: web.WebSocketResponse, identity: Identity
-) -> None:
-    """Serve a prepared multiplexed socket until it closes."""
+def open_socket(
+    runtime: EdgeRuntime, sock: EdgeSocket, identity: Identity, heartbeat: Heartbeat
+) -> MuxSocket:
+    """The session of an upgraded multiplexed socket."""
     control = Connection(
         id=next(runtime.conn_ids),
         channel_id="",
         identity=identity,
         joined_at_ms=time.time_ns() // 1_000_000,
         state=State.LIVE,
-        ws=ws,
-        transport=request.transport,
+        ws=sock,
+        transport=sock.transport,
         cork=runtime.local.cork,
     )
-    sock = MuxSocket(id=control.id, identity=identity, control=control)
-    runtime.expiry.watch(sock)
+    session = MuxSocket(
+        id=control.id,
+        identity=identity,
+        control=control,
+        runtime=runtime,
+        heartbeat=heartbeat,
+        sock=sock,
+    )
+    runtime.expiry.watch(session)
     runtime.local.hold_user(identity.user_id)
     runtime.mux_controls.add(control)
-    budget: ConnectionBudget | None = None
-    try:
-        async for msg in ws:
-            if control.state is State.CLOSED:
-                break
-            if budget is None:
-                budget = ConnectionBudget.create(runtime.rates, asyncio.get_running_loop().time())
-            if not on_frame(runtime, sock, budget, msg):
-                break
-    finally:
-        if control.close_code is not None and not ws.closed:
-            await close_ws(ws, control.transport, control.close_code, control.close_reason)
-        control.state = State.CLOSED
-        for task in list(sock.joins.values()):
-            task.cancel()
-        for conn in sock.subs.values():
-            _detach(runtime, conn)
-        sock.subs.clear()
-        runtime.local.release_user(identity.user_id)
-        runtime.mux_controls.discard(control)
+    return session

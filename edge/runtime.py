@@ -169,11 +169,12 @@ async def drain(runtime: EdgeRuntime, grace: float) -> None:
     conns = [*runtime.local.by_id.values(), *runtime.mux_controls]
     for conn in conns:
         conn.close(wire.CLOSE_RESTART, "server restart")
+    # Each socket has its close frame; its peer has the close timeout to answer.
     sockets = {id(c.ws): c.ws for c in conns if c.ws is not None}
-    waits = [ws.close(code=wire.CLOSE_RESTART) for ws in sockets.values()]
+    waits = [sock.wait_closed() for sock in sockets.values()]
     if waits:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), 5)
+            await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), 6)
 
 
 def refuse(

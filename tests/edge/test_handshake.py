@@ -11,10 +11,9 @@ import contextlib
 import logging
 import os
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
-from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import (
     BadHttpMessage,
     BadHttpMethod,
@@ -26,11 +25,12 @@ from aiohttp.http_exceptions import (
 from edge.handshake import (
     DISPLACED,
     TIMED_OUT,
-    EdgeRunner,
     PendingHandshakes,
     describe_bad_request,
 )
-from waddle_common.ops_http import bound_port
+from edge.upgraded import EdgeSocket
+from edge.wsframe import text_frame
+from tests.edge.sockets import serve, upgrade_route
 
 # -- PendingHandshakes -------------------------------------------------------------
 
@@ -147,46 +147,27 @@ def test_bad_requests_are_described_without_quoting_them(exc: BaseException, wor
 TIMEOUT = 0.5
 
 
-async def echo(request: web.Request) -> web.StreamResponse:
-    if request.headers.get("Upgrade", "").lower() != "websocket":
-        return web.Response(text="ok\n")
-    ws = web.WebSocketResponse()
-    await ws.prepare(request)
-    async for msg in ws:
-        if msg.type is WSMsgType.TEXT:
-            await ws.send_str(msg.data)
-    return ws
+class Echo:
+    """Sends every text message back."""
+
+    def __init__(self, sock: EdgeSocket) -> None:
+        self.sock = sock
+
+    def on_text(self, text: str) -> bool:
+        self.sock.transport.write(text_frame(text.encode()))
+        return True
+
+    def on_binary(self) -> bool:
+        return True
+
+    def on_closed(self, code: int | None) -> None:
+        return None
 
 
-@contextlib.asynccontextmanager
-async def server(
+def server(
     cap: int = 4, timeout: float = TIMEOUT
-) -> AsyncIterator[tuple[int, PendingHandshakes, list[str]]]:
-    app = web.Application()
-    app.router.add_get("/", echo)
-    reasons: list[str] = []
-    made: list[PendingHandshakes] = []
-
-    def handshakes(_app: web.Application) -> PendingHandshakes:
-        made.append(
-            PendingHandshakes(
-                timeout=timeout,
-                max_connections=cap,
-                established=lambda: 0,
-                loop=asyncio.get_running_loop(),
-                on_close=reasons.append,
-            )
-        )
-        return made[0]
-
-    runner = EdgeRunner(app, handshakes=handshakes, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield bound_port(site), made[0], reasons
-    finally:
-        await runner.cleanup()
+) -> contextlib.AbstractAsyncContextManager[tuple[int, PendingHandshakes, list[str]]]:
+    return serve(upgrade_route(Echo), cap=cap, timeout=timeout)
 
 
 async def closed(reader: asyncio.StreamReader) -> None:
@@ -292,7 +273,10 @@ async def test_unmasked_frame_closes_with_1002(caplog: pytest.LogCaptureFixture)
         async with asyncio.timeout(5):
             await closed(reader)
         writer.close()
-    assert any(r.getMessage() == "unmasked client frame" for r in caplog.records)
+    assert any(
+        r.getMessage() == "websocket protocol error" and "mask" in r.__dict__["error"]
+        for r in caplog.records
+    )
 
 
 async def test_malformed_request_gets_400_and_one_info_line(

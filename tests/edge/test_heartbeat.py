@@ -16,45 +16,48 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from edge.auth import Identity
 from edge.connection import Connection, Limits, LocalChannels, State
 from edge.heartbeat import Heartbeat
 from edge.metrics import EdgeMetrics
 from edge.shards import ShardLink
+from edge.upgraded import EdgeSocket
+from tests.edge.sockets import Ignore, serve, upgrade_route
 from waddle_pb import channel_pb2
 
 INTERVAL = 0.1
 
 
+class Quiet:
+    """A socket that only gets heartbeats; it leaves the heartbeat when it ends."""
+
+    def __init__(self, sock: EdgeSocket, heartbeat: Heartbeat) -> None:
+        self.sock, self.heartbeat = sock, heartbeat
+
+    def on_text(self, text: str) -> bool:
+        return True
+
+    def on_binary(self) -> bool:
+        return True
+
+    def on_closed(self, code: int | None) -> None:
+        self.heartbeat.discard(self.sock)
+
+
 @pytest_asyncio.fixture
-async def server() -> AsyncIterator[tuple[str, Heartbeat, list[web.WebSocketResponse]]]:
+async def server() -> AsyncIterator[tuple[str, Heartbeat, list[EdgeSocket]]]:
     heartbeat = Heartbeat(INTERVAL, slice_size=2)
-    sockets: list[web.WebSocketResponse] = []
+    sockets: list[EdgeSocket] = []
 
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        heartbeat.add(ws, request.transport)
-        sockets.append(ws)
-        try:
-            async for _ in ws:
-                pass
-        finally:
-            heartbeat.discard(ws)
-        return ws
+    def opened(sock: EdgeSocket) -> None:
+        heartbeat.add(sock)
+        sockets.append(sock)
 
-    app = web.Application()
-    app.router.add_get("/ws", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/ws", heartbeat, sockets
-    heartbeat.stop()
-    await runner.cleanup()
+    route = upgrade_route(lambda sock: Quiet(sock, heartbeat), on_open=opened)
+    async with serve(route) as (port, _handshakes, _reasons):
+        yield f"http://127.0.0.1:{port}/", heartbeat, sockets
+        heartbeat.stop()
 
 
 async def beats(ws: aiohttp.ClientWebSocketResponse, n: int) -> int:
@@ -70,7 +73,7 @@ async def beats(ws: aiohttp.ClientWebSocketResponse, n: int) -> int:
 
 
 async def test_one_timer_beats_every_socket(
-    server: tuple[str, Heartbeat, list[web.WebSocketResponse]],
+    server: tuple[str, Heartbeat, list[EdgeSocket]],
 ) -> None:
     url, heartbeat, sockets = server
     async with aiohttp.ClientSession() as http:
@@ -84,7 +87,7 @@ async def test_one_timer_beats_every_socket(
         # Each socket has its kernel deadline: two intervals of unacknowledged data.
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             for ws in sockets:
-                raw = ws._req.transport.get_extra_info("socket")  # type: ignore[union-attr]
+                raw = ws.transport.get_extra_info("socket")
                 timeout = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
                 assert timeout == int(2 * INTERVAL * 1000)
         for client in clients:
@@ -99,7 +102,7 @@ async def test_one_timer_beats_every_socket(
 
 
 async def test_a_closing_socket_gets_no_heartbeat(
-    server: tuple[str, Heartbeat, list[web.WebSocketResponse]],
+    server: tuple[str, Heartbeat, list[EdgeSocket]],
 ) -> None:
     url, heartbeat, sockets = server
     async with aiohttp.ClientSession() as http:
@@ -107,7 +110,7 @@ async def test_a_closing_socket_gets_no_heartbeat(
         await beats(client, 1)
         ws = sockets[0]
         before = heartbeat.beats
-        await ws.close()
+        ws.close()
         msg = await client.receive(timeout=5)
         assert msg.type is aiohttp.WSMsgType.CLOSE
         await client.close()
@@ -128,10 +131,11 @@ class CountingTransport(asyncio.Transport):
 
 async def test_a_round_is_spread_over_the_interval() -> None:
     heartbeat = Heartbeat(3.0, step=1.0, slice_size=10_000)
-    sockets = {web.WebSocketResponse(): CountingTransport() for _ in range(600)}
+    transports = [CountingTransport() for _ in range(600)]
+    sockets = {EdgeSocket(t, max_size=1024, session=Ignore()): t for t in transports}
     try:
-        for ws, transport in sockets.items():
-            heartbeat.add(ws, transport)
+        for sock in sockets:
+            heartbeat.add(sock)
         assert heartbeat.slots == 3 and len(heartbeat) == 600
         per_tick = []
         for _ in range(3):
