@@ -165,13 +165,15 @@ class OnlineUser:
     def json(self) -> bytes:
         """The user's ``onlineUsers`` entry, encoded once per change."""
         if self._json is None:
-            self._json = orjson.dumps(
-                {
-                    "userId": self.user_id,
-                    "username": self.username,
-                    "joinedAt": self.joined_at_ms,
-                    "status": self.status,
-                }
+            self._json = wire.kept(
+                orjson.dumps(
+                    {
+                        "userId": self.user_id,
+                        "username": self.username,
+                        "joinedAt": self.joined_at_ms,
+                        "status": self.status,
+                    }
+                )
             )
         return self._json
 

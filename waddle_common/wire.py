@@ -92,6 +92,17 @@ def _dumps(obj: Mapping[str, Any]) -> bytes:
     return orjson.dumps(obj)
 
 
+def kept(data: bytes) -> bytes:
+    """``data`` in an allocation of its own length, for bytes kept for long.
+
+    orjson returns its result in the 4 KiB working buffer it wrote into
+    (``bytes(x)`` and ``x[:]`` return the same object), so every encoded
+    value that is stored costs 4 KiB however short it is: 134 MB for a
+    32,768-member channel's cached ``onlineUsers`` entries. A copy through a
+    memoryview is exactly as long as the text."""
+    return bytes(memoryview(data))
+
+
 def error_frame(
     kind: ErrorKind, detail: str | None = None, *, channel_id: str | None = None, **extra: Any
 ) -> bytes:

@@ -1,13 +1,16 @@
 """The owner's per-join work: the recent window's encoded messages are made
-once between appends, and a join result reaches its edge's stream whole
-without the deep copy of the message."""
+once between appends, a join result reaches its edge's stream whole
+without the deep copy of the message, and an online member's cached
+``onlineUsers`` entry costs about its length."""
 
 from __future__ import annotations
+
+import tracemalloc
 
 import orjson
 import pytest
 
-from channel_service.channel import RecentWindow
+from channel_service.channel import OnlineUser, RecentWindow
 from channel_service.hub import Session
 from tests.channel_service.test_hub import ScriptedStore, make_hub
 from waddle_pb import channel_pb2
@@ -47,3 +50,18 @@ async def test_a_join_result_reaches_the_edge_stream_whole(
     [event] = session.out
     assert event.WhichOneof("kind") == "join_result"
     assert event == channel_pb2.ShardEvent(join_result=result)
+
+
+def test_a_cached_online_user_entry_takes_about_its_length() -> None:
+    """orjson returns its 4 KiB working buffer; a member's cached entry,
+    kept while the member is online, must not cost that much."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        users = [OnlineUser(f"u{i}", f"user {i}", 1_796_212_118_635, "online") for i in range(500)]
+        entries = [u.json() for u in users]
+        per_user = (tracemalloc.get_traced_memory()[0] - before) / len(users)
+    finally:
+        tracemalloc.stop()
+    assert orjson.loads(entries[7])["username"] == "user 7"
+    assert per_user < 1024, f"{per_user:.0f} bytes per online user"
