@@ -1,13 +1,15 @@
 """Pending handshakes: their deadline, their share of the connection cap,
 and the aiohttp hooks (``EdgeRunner``) on a real in-process server, over
 raw TCP: timeouts, displacement, kept-alive requests, malformed requests
-and unmasked frames."""
+and unmasked frames.; and an upgraded socket
+leaves no task and no request handler behind"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import gc
 import logging
 import os
 import struct
@@ -25,6 +27,7 @@ from aiohttp.http_exceptions import (
 from edge.handshake import (
     DISPLACED,
     TIMED_OUT,
+    EdgeRequestHandler,
     PendingHandshakes,
     describe_bad_request,
 )
@@ -294,3 +297,23 @@ async def test_malformed_request_gets_400_and_one_info_line(
     records = [r for r in caplog.records if r.name.startswith(("edge", "aiohttp"))]
     assert [(r.levelno, r.getMessage()) for r in records] == [(logging.INFO, "bad request")]
     assert records[0].exc_info is None and "eyJ" not in str(records[0].__dict__)
+
+
+async def test_upgraded_sockets_leave_no_task_and_no_request_handler_behind() -> None:
+    """Once upgraded, a socket is its transport and its protocol: no task,
+    and aiohttp's request handler for it is gone."""
+    async with server() as (port, _handshakes, _reasons):
+        await asyncio.sleep(0)
+        gc.collect()
+        tasks_before = len(asyncio.all_tasks())
+        sockets_before = sum(isinstance(o, EdgeSocket) for o in gc.get_objects())
+        conns = [await upgrade(port) for _ in range(20)]
+        for reader, writer in conns:  # each socket served once, then idle
+            writer.write(text(b"ping"))
+            assert await next_frame(reader) == (0x1, b"ping")
+        gc.collect()
+        assert len(asyncio.all_tasks()) == tasks_before
+        assert not [o for o in gc.get_objects() if isinstance(o, EdgeRequestHandler)]
+        assert sum(isinstance(o, EdgeSocket) for o in gc.get_objects()) == sockets_before + 20
+        for _, writer in conns:
+            writer.close()
