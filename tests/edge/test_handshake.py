@@ -1,8 +1,8 @@
 """Pending handshakes: their deadline, their share of the connection cap,
 and the aiohttp hooks (``EdgeRunner``) on a real in-process server, over
 raw TCP: timeouts, displacement, kept-alive requests, malformed requests
-and unmasked frames.; and an upgraded socket
-leaves no task and no request handler behind"""
+and unmasked frames; and that an upgraded socket leaves no task and no
+request handler behind."""
 
 from __future__ import annotations
 
