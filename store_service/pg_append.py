@@ -34,7 +34,8 @@ stored already) writes nothing and the batch runs ``read`` then ``write``.
 
 A connection that broke while idle (a database restart) is replaced before
 anything is written: ``read`` reconnects and retries once, as the pool's
-pre-ping does for the SQLAlchemy path. A failed ``write`` is raised as the
+pre-ping does for the SQLAlchemy path, and a ``write_guessed`` that finds it
+broken counts as a wrong guess (``read`` then reconnects). A failed ``write`` is raised as the
 psycopg error; its statement wrote nothing unless it committed.
 """
 
@@ -196,6 +197,15 @@ class PgAppendConnection:
                 ],
             )
         except (psycopg.errors.DivisionByZero, psycopg.errors.UniqueViolation):
+            return False
+        except psycopg.OperationalError:
+            if not conn.broken:
+                raise
+            # Broken before the idle check could see it (a backend terminated
+            # a moment ago): as a wrong guess. ``read`` reconnects, and what is
+            # stored decides; a statement that did commit shows as moved heads
+            # and stored keys, so nothing is written twice.
+            self.discard()
             return False
         return True
 
