@@ -11,7 +11,6 @@ unregisters it when it ends: no coroutine stays behind per socket.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -39,7 +38,6 @@ from edge.limits import ConnectionBudget
 from edge.runtime import RUNTIME, SETTINGS, EdgeRuntime, drain, refuse, runtime_ctx
 from edge.shards import ShardRouter
 from edge.upgraded import EdgeSocket
-from waddle_common import wire
 from waddle_common.settings import Settings
 
 __all__ = ["RUNTIME", "SETTINGS", "create_app", "drain"]
@@ -147,11 +145,9 @@ class ChannelSocket:
     budget: ConnectionBudget | None = None
 
     def _budget(self) -> ConnectionBudget:
-        budget = self.budget
-        if budget is None:
-            loop_time = asyncio.get_running_loop().time()
-            budget = self.budget = ConnectionBudget.create(self.runtime.rates, loop_time)
-        return budget
+        if self.budget is None:
+            self.budget = frames.first_budget(self.runtime)
+        return self.budget
 
     def on_text(self, text: str) -> bool:
         conn, runtime = self.conn, self.runtime
@@ -171,13 +167,9 @@ class ChannelSocket:
         return frames.channel_frame(runtime, conn, self.link, budget, frame)
 
     def on_binary(self) -> bool:
-        conn, runtime = self.conn, self.runtime
-        if conn.state is State.CLOSED:
+        if self.conn.state is State.CLOSED:
             return False
-        runtime.metrics.frames_in.labels("binary").inc()
-        return frames.refuse_frame(
-            runtime, conn, self._budget(), wire.error_frame(wire.BINARY_UNSUPPORTED)
-        )
+        return frames.refuse_binary(self.runtime, self.conn, self._budget())
 
     def on_closed(self, code: int | None) -> None:
         runtime, conn = self.runtime, self.conn

@@ -30,6 +30,17 @@ from waddle_pb import channel_pb2
 log = logging.getLogger("edge")
 
 
+def first_budget(runtime: EdgeRuntime) -> ConnectionBudget:
+    """A socket's budgets, made when its first frame arrives: a silent socket costs none."""
+    return ConnectionBudget.create(runtime.rates, asyncio.get_running_loop().time())
+
+
+def refuse_binary(runtime: EdgeRuntime, conn: Connection, budget: ConnectionBudget) -> bool:
+    """A binary frame (the protocol has none): refused as ``refuse_frame`` does."""
+    runtime.metrics.frames_in.labels("binary").inc()
+    return refuse_frame(runtime, conn, budget, wire.error_frame(wire.BINARY_UNSUPPORTED))
+
+
 def refuse_frame(
     runtime: EdgeRuntime, conn: Connection, budget: ConnectionBudget, payload: bytes
 ) -> bool:

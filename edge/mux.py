@@ -66,11 +66,9 @@ class MuxSocket:
         self.control.close(code, reason)
 
     def _budget(self) -> ConnectionBudget:
-        budget = self.budget
-        if budget is None:
-            loop_time = asyncio.get_running_loop().time()
-            budget = self.budget = ConnectionBudget.create(self.runtime.rates, loop_time)
-        return budget
+        if self.budget is None:
+            self.budget = frames.first_budget(self.runtime)
+        return self.budget
 
     def on_text(self, text: str) -> bool:
         if self.control.state is State.CLOSED:
@@ -80,10 +78,7 @@ class MuxSocket:
     def on_binary(self) -> bool:
         if self.control.state is State.CLOSED:
             return False
-        self.runtime.metrics.frames_in.labels("binary").inc()
-        return frames.refuse_frame(
-            self.runtime, self.control, self._budget(), wire.error_frame(wire.BINARY_UNSUPPORTED)
-        )
+        return frames.refuse_binary(self.runtime, self.control, self._budget())
 
     def on_closed(self, code: int | None) -> None:
         runtime = self.runtime

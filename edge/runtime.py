@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from edge import upgraded
 from edge.auth import TokenVerifier
 from edge.connection import Connection, Limits, LocalChannels
 from edge.cursor_reads import CURSOR_TIMEOUT, CursorReads
@@ -174,7 +175,9 @@ async def drain(runtime: EdgeRuntime, grace: float) -> None:
     waits = [sock.wait_closed() for sock in sockets.values()]
     if waits:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), 6)
+            await asyncio.wait_for(
+                asyncio.gather(*waits, return_exceptions=True), upgraded.CLOSE_TIMEOUT + 1
+            )
 
 
 def refuse(

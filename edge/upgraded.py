@@ -37,6 +37,8 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, Side
 from websockets.protocol import Protocol as FrameProtocol
 
+from edge.handshake import EdgeRequestHandler
+
 log = logging.getLogger("edge.websocket")
 
 # RFC 6455 4.2.2: the GUID the client's key is hashed with.
@@ -68,6 +70,9 @@ class Session(Protocol):
         ...
 
 
+SessionFactory = Callable[["EdgeSocket"], Session]
+
+
 class EdgeSocket(asyncio.Protocol):
     """The protocol of one upgraded connection's transport."""
 
@@ -84,9 +89,14 @@ class EdgeSocket(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, transport: asyncio.Transport, *, max_size: int, session: Session) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        *,
+        max_size: int,
+        session: SessionFactory,
+    ) -> None:
         self.transport = transport
-        self.session = session
         self._frames = FrameProtocol(
             Side.SERVER, state=OPEN, max_size=max_size, logger=_FRAMING_LOG
         )
@@ -97,6 +107,7 @@ class EdgeSocket(asyncio.Protocol):
         self._ended_waiter: asyncio.Future[None] | None = None  # made by wait_closed()
         self._ended = False
         self._stopped = False  # the edge sent its close: nothing more is served
+        self.session = session(self)
 
     # -- state ------------------------------------------------------------
 
@@ -126,9 +137,6 @@ class EdgeSocket(asyncio.Protocol):
         raw = reason.encode()[:_MAX_REASON_BYTES]
         self._frames.send_close(code, raw.decode(errors="ignore"))
         self._write_pending()
-
-    def abort(self) -> None:
-        self.transport.abort()
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -251,9 +259,6 @@ class EdgeSocket(asyncio.Protocol):
                 waiter.exception()  # nobody may be waiting: not an unretrieved error
 
 
-SessionFactory = Callable[[EdgeSocket], Session]
-
-
 def accept_key(key: str) -> str:
     """RFC 6455 4.2.2: ``Sec-WebSocket-Accept`` for a client's key."""
     return base64.b64encode(hashlib.sha1(key.encode() + _ACCEPT_GUID).digest()).decode()
@@ -277,8 +282,6 @@ def take_over(
     serving ``session(socket)``, and the bytes the client sent after its
     request. The handler registers the socket, hands those to ``feed``
     (frames are served only from then on) and returns ``taken_over()``."""
-    from edge.handshake import EdgeRequestHandler  # the handler owns the HTTP side
-
     handler = request.protocol
     if not isinstance(handler, EdgeRequestHandler):
         raise TypeError("the edge's sockets are served by EdgeRequestHandler")
@@ -292,26 +295,9 @@ def take_over(
         head.append(f"Sec-WebSocket-Protocol: {subprotocol}")
     transport, tail = handler.detach()
     transport.write(("\r\n".join(head) + "\r\n\r\n").encode())
-    sock = EdgeSocket(transport, max_size=max_size, session=_PENDING)
-    sock.session = session(sock)
+    sock = EdgeSocket(transport, max_size=max_size, session=session)
     transport.set_protocol(sock)
     return sock, tail
-
-
-class _Pending:
-    """A session for the moment between the socket and its real session."""
-
-    def on_text(self, text: str) -> bool:
-        return False
-
-    def on_binary(self) -> bool:
-        return False
-
-    def on_closed(self, code: int | None) -> None:
-        return None
-
-
-_PENDING = _Pending()
 
 
 class _TakenOver(web.StreamResponse):

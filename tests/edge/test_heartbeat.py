@@ -132,7 +132,7 @@ class CountingTransport(asyncio.Transport):
 async def test_a_round_is_spread_over_the_interval() -> None:
     heartbeat = Heartbeat(3.0, step=1.0, slice_size=10_000)
     transports = [CountingTransport() for _ in range(600)]
-    sockets = {EdgeSocket(t, max_size=1024, session=Ignore()): t for t in transports}
+    sockets = {EdgeSocket(t, max_size=1024, session=lambda _: Ignore()): t for t in transports}
     try:
         for sock in sockets:
             heartbeat.add(sock)

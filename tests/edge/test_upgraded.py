@@ -91,7 +91,7 @@ def close_frame(code: int) -> bytes:
 
 def socket(max_size: int = 1024, keep: bool = True) -> tuple[EdgeSocket, Transport, Recorder]:
     transport, session = Transport(), Recorder(keep)
-    return EdgeSocket(transport, max_size=max_size, session=session), transport, session
+    return EdgeSocket(transport, max_size=max_size, session=lambda _: session), transport, session
 
 
 def close_code_written(transport: Transport) -> int:
