@@ -177,6 +177,7 @@ class Hub:
     def start(self) -> None:
         self._committer = asyncio.create_task(self._commit_loop(), name="committer")
         self.reads.start()
+        self.life.start()
 
     async def stop(self) -> None:
         for session in list(self.sessions.values()):

@@ -230,6 +230,10 @@ class Lifecycle:
         awake = sum(len(c.conns) for c in self.channels.values())
         return awake + self.sleeping.members
 
+    def start(self) -> None:
+        if self.hibernates:
+            self._trimmer.start()
+
     def stop(self) -> None:
         self._sweeper.cancel()
         self._trimmer.cancel()
