@@ -94,8 +94,8 @@ FUTURE_ITERS = 255
 UVLOOP_HANDLES = 250
 """``Handle`` objects uvloop keeps (``DEFAULT_FREELIST_SIZE``)."""
 SETTLE_SECONDS = 0.05
-"""From a swap to taking the ballast back: the loop drops the handles it
-still holds (the ready queue, closing timers) within a turn or two."""
+"""From a swap to taking the ballast back: by then the loop has dropped the
+taken handles (they wait one turn in its ready queue)."""
 
 
 def _noop() -> None:
@@ -145,7 +145,7 @@ class Trimmer:
         self.min_interval = min_interval
         self._on_trim = on_trim
         self._last = -float("inf")
-        self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._handle: asyncio.TimerHandle | None = None
         self._ballast: FreeListBallast | None = None
 
     def start(self) -> None:
