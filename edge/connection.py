@@ -13,10 +13,11 @@ the gap is filled from the store first. While the connection is joining or
 replaying, sequenced frames are held back and released in order afterwards.
 
 Writes are corked: a socket collects its frames and gets them in one write
-when the cork is flushed, right after the current loop turn - or, when the
-edge is flushing back to back, a little later (as long as the last flush
-took, at most 5 ms), so a loaded edge makes fewer, larger writes instead of
-one system call per frame per socket. Only what a socket leaves unsent counts against its
+when the cork is flushed, right after the current loop turn - or, while the
+edge keeps writing, no sooner than ``write_interval`` (5 ms by default)
+after the last flush ended, so a loaded edge makes one system call per
+socket per interval, carrying every frame of it, instead of one per frame
+per socket. Only what a socket leaves unsent counts against its
 bounded outgoing buffer (``send_buffer_bytes``): over it an ephemeral frame
 (typing, presence) is dropped and a chat message closes the socket with
 1013, so one slow phone never delays the others.
@@ -82,41 +83,42 @@ def loop_scheduler(delay: float, callback: Callable[[], None]) -> object:
 class Cork:
     """Shared by an edge's connections: collects writes until the next flush.
 
-    A flush normally runs right after the current loop turn. When flushes
-    come back to back (the edge spent less time idle since the last one
-    than that flush took), the next one waits as long as the last took, at
-    most ``MAX_DELAY``: under load each socket gets several frames per
-    write, and with sparse traffic nothing waits.
+    A flush runs right after the current loop turn, but no sooner than
+    ``interval`` seconds after the previous flush ended. Sparse traffic
+    (a write more than ``interval`` after the last flush) waits for
+    nothing; a steady stream of writes is flushed every ``interval``, so
+    each socket gets every frame of that interval in one write. The system
+    call per socket per write is most of the edge's cost per delivery: at
+    hundreds of messages a second to a big channel this divides it by the
+    frames each write now carries, for at most ``interval`` more latency.
+    A flush that itself takes longer than ``interval`` (thousands of
+    sockets) delays the next by no more than the interval's rest.
     """
 
-    MAX_DELAY = 0.005
-
-    def __init__(self, schedule: Scheduler = loop_scheduler) -> None:
+    def __init__(self, schedule: Scheduler = loop_scheduler, interval: float = 0.005) -> None:
         self._schedule = schedule
+        self.interval = interval
         self.dirty: list[Connection] = []
         self.scheduled = False
         # Channels with joins and leaves waiting (``LocalChannels``), and how
         # to send them: a frame for one connection must not overtake them.
         self.presence_waiting: Mapping[str, object] = {}
         self.flush_presence: Callable[[str], None] = lambda channel_id: None
-        self.last_cost = 0.0
-        self.last_end = 0.0
+        self.last_end = -1e9
 
     def add(self, conn: Connection) -> None:
         self.dirty.append(conn)
         if not self.scheduled:
             self.scheduled = True
-            busy = time.perf_counter() - self.last_end < self.last_cost
-            self._schedule(min(self.last_cost, self.MAX_DELAY) if busy else 0.0, self.flush)
+            wait = self.last_end + self.interval - time.perf_counter()
+            self._schedule(wait if wait > 0 else 0.0, self.flush)
 
     def flush(self) -> None:
-        started = time.perf_counter()
         self.scheduled = False
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
             conn.flush()
         self.last_end = time.perf_counter()
-        self.last_cost = self.last_end - started
 
 
 @dataclass(eq=False, slots=True)
@@ -229,7 +231,11 @@ class LocalChannels:
     """This edge's connections, by channel and by id, and the fan-out."""
 
     def __init__(
-        self, metrics: EdgeMetrics, limits: Limits, schedule: Scheduler = loop_scheduler
+        self,
+        metrics: EdgeMetrics,
+        limits: Limits,
+        schedule: Scheduler = loop_scheduler,
+        write_interval: float = 0.005,
     ) -> None:
         self.metrics = metrics
         self.limits = limits
@@ -237,7 +243,7 @@ class LocalChannels:
         self.by_id: dict[int, Connection] = {}
         self.per_user: dict[str, int] = {}  # open connections of each user, all channels
         self.on_gap: Callable[[Connection], None] = lambda conn: None
-        self.cork = Cork(schedule)
+        self.cork = Cork(schedule, write_interval)
         self.presence = PresenceCoalescer(self._write_diff)
         self._schedule = schedule
         self._batches: dict[str, _PresenceBatch] = {}

@@ -75,7 +75,11 @@ RUNTIME = web.AppKey("runtime", EdgeRuntime)
 async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = EdgeMetrics()
-    local = LocalChannels(metrics, Limits(send_buffer_bytes=settings.send_buffer_bytes))
+    local = LocalChannels(
+        metrics,
+        Limits(send_buffer_bytes=settings.send_buffer_bytes),
+        write_interval=settings.edge_write_interval_ms / 1000,
+    )
     tls = GrpcTls.from_settings(settings)
     store = StoreClient.from_settings(settings, registry=metrics.registry, tls=tls)
     router = ShardRouter(

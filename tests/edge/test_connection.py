@@ -170,26 +170,48 @@ def test_writes_of_one_turn_are_one_write_per_socket_in_order() -> None:
     assert t.chunks == [expected + text_frame(b'{"type":"ack"}')]
 
 
-def test_a_busy_edge_flushes_later_to_batch_more() -> None:
+def test_a_busy_edge_flushes_at_most_once_an_interval() -> None:
     scheduled: list[tuple[float, Callable[[], None]]] = []
+    # A long interval, so that no pause of a loaded machine decides the test.
     local = LocalChannels(
-        EdgeMetrics(), Limits(send_buffer_bytes=100), lambda d, cb: scheduled.append((d, cb))
+        EdgeMetrics(),
+        Limits(send_buffer_bytes=100),
+        lambda d, cb: scheduled.append((d, cb)),
+        write_interval=60.0,
     )
-    live_conn(local, 1, "a")
+    _, t = live_conn(local, 1, "a")
     cork = local.cork
-    # Sparse traffic: the last flush (3 ms) ended long ago: flush at once.
-    cork.last_cost, cork.last_end = 0.003, time.perf_counter() - 10
+    # Sparse traffic: the last flush ended more than an interval ago:
+    # flush right after this turn.
+    cork.last_end = time.perf_counter() - 61
     local.deliver(deliver(1))
     assert scheduled[0][0] == 0.0
     scheduled.pop()[1]()
-    # Back to back: the last flush took longer than the idle time since.
-    cork.last_cost, cork.last_end = 0.003, time.perf_counter()
+    assert t.chunks == [text_frame(b'{"seq":1}')]
+    # A write right after a flush waits for the rest of the interval, and
+    # whatever comes meanwhile shares that flush's write.
     local.deliver(deliver(2))
-    assert 0 < scheduled[0][0] <= 0.003
-    scheduled.pop()[1]()
-    cork.last_cost, cork.last_end = 0.5, time.perf_counter()
+    assert len(scheduled) == 1 and 50.0 < scheduled[0][0] <= 60.0
     local.deliver(deliver(3))
-    assert scheduled[0][0] == cork.MAX_DELAY
+    assert len(scheduled) == 1, "one flush for the whole interval"
+    assert len(t.chunks) == 1
+    scheduled.pop()[1]()
+    assert t.chunks[-1] == text_frame(b'{"seq":2}') + text_frame(b'{"seq":3}')
+
+
+def test_without_an_interval_every_turn_flushes_at_once() -> None:
+    scheduled: list[tuple[float, Callable[[], None]]] = []
+    local = LocalChannels(
+        EdgeMetrics(),
+        Limits(send_buffer_bytes=100),
+        lambda d, cb: scheduled.append((d, cb)),
+        write_interval=0.0,
+    )
+    live_conn(local, 1, "a")
+    for seq in (1, 2):
+        local.deliver(deliver(seq))
+        assert scheduled[0][0] == 0.0
+        scheduled.pop()[1]()
 
 
 class Timers:
