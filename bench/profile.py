@@ -36,6 +36,11 @@ def py_spy() -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
+def file_stem(role: str) -> str:
+    """A role (``edge bench-edge-w0``) as a file name without spaces, for links."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", role)
+
+
 async def start(
     pids: Mapping[str, int], out_dir: Path, seconds: float
 ) -> list[tuple[str, Path, asyncio.subprocess.Process]]:
@@ -48,7 +53,7 @@ async def start(
     for role, pid in pids.items():
         if role == "redis":
             continue
-        out = out_dir / f"{role}.txt"
+        out = out_dir / f"{file_stem(role)}.txt"
         cmd = [exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100"]
         cmd += ["--format", "raw", "--nonblocking", "-o", str(out)]
         proc = await asyncio.create_subprocess_exec(

@@ -95,9 +95,13 @@ class System:
 
     def pids(self) -> dict[str, int]:
         """Server-side processes by role (edge, channel, store / server, redis),
-        and Waddle's edge workers (``edge <id>``) when it has them."""
+        and Waddle's edge workers (``edge <id>``) when it has them; their
+        supervisor is then ``edge supervisor``."""
         out = {**{s.name: s.pid for s in self.services}, **self.extra_pids}
-        for role, pid in edge_workers(self).items():
+        workers = edge_workers(self)
+        if "edge" not in workers and "edge" in out:
+            out["edge supervisor"] = out.pop("edge")
+        for role, pid in workers.items():
             out.setdefault(role, pid)
         return out
 

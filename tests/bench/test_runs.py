@@ -3,6 +3,8 @@ server CPU per delivery, and the flame graph of a profile."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -117,3 +119,41 @@ def test_edge_workers_reach_waddle_and_their_cpu_is_counted() -> None:
     assert cfg.edge_workers == 2 and _edge_env(cfg) == {"WADDLE_EDGE_WORKERS": "2"}
     # A peer has no edge: its processes are what it started.
     assert System("floor", "floor", "", extra_pids={"server": 1}).pids() == {"server": 1}
+
+
+async def test_with_edge_workers_the_supervisor_is_named_and_profiles_have_no_spaces() -> None:
+    import psutil
+
+    from bench import profile
+    from bench.systems import System
+    from waddle_common.supervise import Service
+
+    child = "import os, time; time.sleep(60)"
+    parent = (
+        "import os, subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}],"
+        " env={**os.environ, 'WADDLE_EDGE_ID': 'bench-edge-w0'})\n"
+        "print('started', flush=True)\n"
+        "try:\n    time.sleep(60)\nfinally:\n    p.kill()\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", parent, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        edge = Service("edge", "edge", {}, proc, {}, None)
+        system = System("waddle", "waddle", "", services=[edge])
+        async with asyncio.timeout(30):
+            assert await proc.stdout.readline() == b"started\n"
+        pids = system.pids()
+        worker = psutil.Process(proc.pid).children()[0].pid
+        assert pids == {"edge supervisor": proc.pid, "edge bench-edge-w0": worker}
+        assert [profile.file_stem(role) for role in pids] == [
+            "edge-supervisor",
+            "edge-bench-edge-w0",
+        ]
+    finally:
+        for p in psutil.Process(proc.pid).children():
+            p.kill()
+        proc.kill()
+        await proc.wait()
