@@ -5,11 +5,12 @@ Contract:
 * A cursor that moved (a ``read`` frame, or the sender of a committed
   message) is persisted through the store in batches: one
   ``SetReadCursors`` call per round carries every channel's cursors that
-  moved since the previous round (the latest seq per user and channel). A
-  failed round is retried with backoff and never stops the writer. Cursors
-  improve the user experience but are not messages: the moves of the last
-  round or so before a crash may be lost (a client then sees an older
-  cursor, and reads again).
+  moved since the previous round (the latest seq per user and channel);
+  rounds are at least 100 ms apart, so a busy shard makes a few calls a
+  second, not one per message. A failed round is retried with backoff and
+  never stops the writer. Cursors improve the user experience but are not
+  messages: the moves of the last round or so (about 100 ms) before a crash
+  may be lost (a client then sees an older cursor, and reads again).
 * Other members hear of a move as a ``read`` receipt, at most one per user
   per channel per ``interval`` (one second): the first move is announced at
   once, later ones within the interval are coalesced and the newest seq is
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -117,7 +119,16 @@ class ReceiptCoalescer:
 
 
 class CursorWriter:
-    """Persists read cursors: one store call per round for every channel."""
+    """Persists read cursors: one store call per round for every channel.
+
+    Rounds are at least ``min_interval`` apart (from the end of one to the
+    start of the next). A sender's cursor moves with every message it sends
+    and a reader's with every message it reads, so without the pause a busy
+    shard would make one store call per message; with it, every cursor that
+    moved in the interval goes in one call, the newest seq of each. A
+    cursor waits at most that long (plus the call) before it is stored;
+    ``stop`` writes what is pending at once.
+    """
 
     def __init__(
         self,
@@ -128,6 +139,7 @@ class CursorWriter:
         retry_initial: float = 0.05,
         retry_max: float = 1.0,
         max_batch: int = 5000,
+        min_interval: float = 0.1,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -135,6 +147,7 @@ class CursorWriter:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.max_batch = max_batch
+        self.min_interval = min_interval
         self._pending: dict[CursorKey, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -164,18 +177,26 @@ class CursorWriter:
                 return
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = self.retry_initial
+        last_round = -math.inf
         while True:
-            await self._wake.wait()
+            if not self._pending:
+                await self._wake.wait()
             self._wake.clear()
-            while self._pending:
-                if await self.write_round():
-                    delay = self.retry_initial
-                    continue
-                # The store is down: wait before the next attempt, keep
-                # collecting (newer cursors replace older ones meanwhile).
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
+            wait = last_round + self.min_interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # gather the cursors of the interval
+            if not self._pending:
+                continue
+            if await self.write_round():
+                delay = self.retry_initial
+                last_round = loop.time()
+                continue
+            # The store is down: wait before the next attempt, keep
+            # collecting (newer cursors replace older ones meanwhile).
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.retry_max)
 
     async def write_round(self) -> bool:
         """Write up to ``max_batch`` pending cursors in one call; False if it must be retried."""
