@@ -2,7 +2,8 @@
 
 No cluster can run on the test machine, so kind, minikube, kubectl, helm,
 docker and curl are replaced by one stub that records its arguments and
-answers the few queries the scripts make. The recorded commands are then
+answers the few queries the scripts make (a port answers curl once its
+port-forward has started, as a real one does). The recorded commands are then
 checked: cluster creation only when absent, build, load into the cluster,
 ``helm upgrade --install`` with the built tag, rollout waits, port-forwards,
 and the matching teardown. ``make image`` and the scripts pick docker only
@@ -51,7 +52,13 @@ case "$tool $*" in
     *" get service/waddle-edge"*) printf '80' ;;
     *" get deployment/waddle-grafana"*) exit 0 ;;
     *" get secret waddle "*) printf '%s' "$(printf 'stub-jwt-secret' | base64)" ;;
-    *" port-forward "*) exec sleep 60 ;;
+    *" port-forward "*)
+        # The local port answers from now on (see curl below).
+        ports=${!#}; touch "$STUB_STATE/forward-${ports%%:*}"; exec sleep 60 ;;
+    "curl "*)
+        # Like a real port: refused until its port-forward runs.
+        url=${!#}; port=${url#http://127.0.0.1:}; port=${port%%/*}
+        [[ -e $STUB_STATE/forward-$port ]] || exit 7 ;;
 esac
 exit 0
 """
