@@ -155,63 +155,51 @@ def test_too_many_held_frames_close_the_connection(local: LocalChannels) -> None
 
 
 def test_writes_of_one_turn_are_one_write_per_socket_in_order() -> None:
-    scheduled: list[tuple[float, Callable[[], None]]] = []
-    local = LocalChannels(
-        EdgeMetrics(), Limits(send_buffer_bytes=100), lambda d, cb: scheduled.append((d, cb))
-    )
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=100), timers)
     conn, t = live_conn(local, 1, "a")
     for seq in (1, 2, 3):
         local.deliver(deliver(seq))
     conn.send(b'{"type":"ack"}', local.metrics, local.limits, "ack")
     assert t.chunks == [], "nothing is written before the flush"
-    assert len(scheduled) == 1 and scheduled[0][0] == 0.0, "one flush, right after this turn"
-    scheduled.pop()[1]()
+    assert [d for d, _ in timers.pending] == [0.0], "one flush, right after this turn"
+    timers.run()
     expected = b"".join(text_frame(f'{{"seq":{s}}}'.encode()) for s in (1, 2, 3))
     assert t.chunks == [expected + text_frame(b'{"type":"ack"}')]
 
 
 def test_a_busy_edge_flushes_at_most_once_an_interval() -> None:
-    scheduled: list[tuple[float, Callable[[], None]]] = []
+    timers = Timers()
     # A long interval, so that no pause of a loaded machine decides the test.
-    local = LocalChannels(
-        EdgeMetrics(),
-        Limits(send_buffer_bytes=100),
-        lambda d, cb: scheduled.append((d, cb)),
-        write_interval=60.0,
-    )
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=100), timers, write_interval=60.0)
     _, t = live_conn(local, 1, "a")
     cork = local.cork
     # Sparse traffic: the last flush ended more than an interval ago:
     # flush right after this turn.
     cork.last_end = time.perf_counter() - 61
     local.deliver(deliver(1))
-    assert scheduled[0][0] == 0.0
-    scheduled.pop()[1]()
+    assert [d for d, _ in timers.pending] == [0.0]
+    timers.run()
     assert t.chunks == [text_frame(b'{"seq":1}')]
     # A write right after a flush waits for the rest of the interval, and
     # whatever comes meanwhile shares that flush's write.
     local.deliver(deliver(2))
-    assert len(scheduled) == 1 and 50.0 < scheduled[0][0] <= 60.0
+    assert len(timers.pending) == 1 and 50.0 < timers.pending[0][0] <= 60.0
     local.deliver(deliver(3))
-    assert len(scheduled) == 1, "one flush for the whole interval"
+    assert len(timers.pending) == 1, "one flush for the whole interval"
     assert len(t.chunks) == 1
-    scheduled.pop()[1]()
+    timers.run()
     assert t.chunks[-1] == text_frame(b'{"seq":2}') + text_frame(b'{"seq":3}')
 
 
 def test_without_an_interval_every_turn_flushes_at_once() -> None:
-    scheduled: list[tuple[float, Callable[[], None]]] = []
-    local = LocalChannels(
-        EdgeMetrics(),
-        Limits(send_buffer_bytes=100),
-        lambda d, cb: scheduled.append((d, cb)),
-        write_interval=0.0,
-    )
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=100), timers, write_interval=0.0)
     live_conn(local, 1, "a")
     for seq in (1, 2):
         local.deliver(deliver(seq))
-        assert scheduled[0][0] == 0.0
-        scheduled.pop()[1]()
+        assert [d for d, _ in timers.pending] == [0.0]
+        timers.run()
 
 
 class Timers:
