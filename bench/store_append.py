@@ -5,9 +5,10 @@ PostgreSQL server named by ``--database-url`` or ``WADDLE_BENCH_DATABASE_URL``,
 or a SQLite file with ``--sqlite``), starts the real store with ``python -m
 store_service`` on a free port, and for each rate appends to one channel for
 ``--seconds``: a sender queues 200-byte messages at the rate and one commit
-loop sends everything queued as one unary ``AppendBatch`` whenever the
-previous one has answered, numbering after the head it last saw, as the
-shard's hub does. The store's CPU (user + system, from /proc) over the
+loop sends everything queued as one request on an ``AppendStream`` whenever
+the previous one has answered, numbering after the head it last saw, as the
+shard's hub does (``--unary``: one unary ``AppendBatch`` call each instead,
+as before the stream). The store's CPU (user + system, from /proc) over the
 window, divided by the messages acknowledged, is one run; each rate gets
 ``--runs`` runs and prints the median and min-max in microseconds.
 
@@ -30,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import grpc.aio
@@ -69,8 +70,9 @@ def _cpu(proc: psutil.Process) -> float:
 class Shard:
     """One channel's sender and group-commit loop, as the shard's hub runs them."""
 
-    def __init__(self, stub: StoreServiceAsyncStub, channel_id: str) -> None:
+    def __init__(self, stub: StoreServiceAsyncStub, channel_id: str, *, unary: bool) -> None:
         self.stub = stub
+        self.unary = unary
         self.channel_id = channel_id
         self.head = 0
         self.pending: list[store_pb2.NewMessage] = []
@@ -95,6 +97,14 @@ class Shard:
         self.wakeup.set()
 
     async def commit_loop(self) -> None:
+        stream = None if self.unary else self.stub.AppendStream()
+        try:
+            await self._commits(stream)
+        finally:
+            if stream is not None:
+                stream.cancel()
+
+    async def _commits(self, stream: Any) -> None:
         while True:
             if not self.pending:
                 self.idle.set()
@@ -102,17 +112,21 @@ class Shard:
                 await self.wakeup.wait()
                 continue
             batch, self.pending = self.pending, []
-            response = await self.stub.AppendBatch(
-                store_pb2.AppendBatchRequest(
-                    channels=[
-                        store_pb2.ChannelAppend(
-                            channel_id=self.channel_id,
-                            expected_last_seq=self.head,
-                            messages=batch,
-                        )
-                    ]
-                )
+            request = store_pb2.AppendBatchRequest(
+                channels=[
+                    store_pb2.ChannelAppend(
+                        channel_id=self.channel_id, expected_last_seq=self.head, messages=batch
+                    )
+                ]
             )
+            if stream is None:
+                response = await self.stub.AppendBatch(request)
+            else:
+                await stream.write(request)
+                answer = await stream.read()
+                if answer is grpc.aio.EOF or answer.code:
+                    raise RuntimeError(f"append stream failed: {answer}")
+                response = answer.batch
             [result] = response.channels
             if result.status != store_pb2.ChannelAppendResult.OK:
                 raise RuntimeError(f"append fenced at {result.last_seq}, expected {self.head}")
@@ -136,8 +150,10 @@ class Shard:
         await self.idle.wait()
 
 
-async def measure(stub: StoreServiceAsyncStub, pid: int, rate: float, seconds: float) -> Run:
-    shard = Shard(stub, f"bench-{uuid.uuid4().hex[:8]}")
+async def measure(
+    stub: StoreServiceAsyncStub, pid: int, rate: float, seconds: float, *, unary: bool = False
+) -> Run:
+    shard = Shard(stub, f"bench-{uuid.uuid4().hex[:8]}", unary=unary)
     loop_task = asyncio.create_task(shard.commit_loop())
     try:
         await shard.drive(rate, min(WARMUP_SECONDS, seconds))
@@ -225,7 +241,9 @@ async def run(args: argparse.Namespace) -> int:
                     for j in range(args.runs):
                         out = args.profile if i == 0 and j == 0 else None
                         async with profiling(store.pid, out):
-                            runs.append(await measure(stub, store.pid, rate, args.seconds))
+                            runs.append(
+                                await measure(stub, store.pid, rate, args.seconds, unary=args.unary)
+                            )
                         print(f"  run {j + 1}: {runs[-1].us_per_message:.1f} us/msg", flush=True)
                     print(summary(runs), flush=True)
             finally:
@@ -242,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--database-url", default=os.environ.get("WADDLE_BENCH_DATABASE_URL", "") or None
     )
     parser.add_argument("--sqlite", action="store_true", help="a SQLite file instead")
+    parser.add_argument(
+        "--unary", action="store_true", help="one unary AppendBatch per commit, not a stream"
+    )
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw output file")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.seconds <= 0 or any(r <= 0 for r in args.rates):

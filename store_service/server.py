@@ -7,7 +7,8 @@ their own event loop.
 Start-up refuses a database that is not at the Alembic head (the schema is
 changed only by ``make migrate``, never implicitly by a booting replica).
 Shutdown (SIGTERM/SIGINT): health goes NOT_SERVING so balancers drain us,
-in-flight calls get ``shutdown_grace_seconds`` to finish, queued appends are
+append streams end after answering what they are working on, in-flight
+calls get ``shutdown_grace_seconds`` to finish, queued appends are
 committed, then the engine is disposed and the process exits 0.
 """
 
@@ -64,6 +65,7 @@ class RunningStore:
     _server: grpc.aio.Server = field(repr=False)
     _health: health.aio.HealthServicer = field(repr=False)
     _committer: AppendCommitter = field(repr=False)
+    _servicer: StoreServicer = field(repr=False)
     _ops: web.AppRunner | None = field(default=None, repr=False)
     metrics_port: int = 0
     serving: bool = True
@@ -74,6 +76,7 @@ class RunningStore:
             return
         self.serving = False
         await self._health.enter_graceful_shutdown()
+        self._servicer.close_streams()
         await self._server.stop(grace)
         # Every call is finished or cancelled now; commit what is queued.
         await self._committer.close(timeout=max(grace, 1.0))
@@ -106,10 +109,10 @@ async def start(settings: Settings) -> RunningStore:
     committer = AppendCommitter(repository)
     committer.start()
 
-    server = grpc.aio.server(
-        interceptors=[ServerMetricsInterceptor(metrics.registry)], options=server_options()
-    )
-    store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(repository, committer), server)
+    timing = ServerMetricsInterceptor(metrics.registry)
+    server = grpc.aio.server(interceptors=[timing], options=server_options())
+    servicer = StoreServicer(repository, committer, observe=timing.observe)
+    store_pb2_grpc.add_StoreServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -141,6 +144,7 @@ async def start(settings: Settings) -> RunningStore:
         _server=server,
         _health=health_servicer,
         _committer=committer,
+        _servicer=servicer,
     )
     try:
         store._ops, store.metrics_port = await start_ops_server(

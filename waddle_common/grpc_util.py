@@ -126,7 +126,8 @@ def _method_name(method: str | bytes) -> str:
 
 
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Times unary-unary handlers into ``waddle_grpc_server_seconds{method, code}``."""
+    """Times unary-unary handlers into ``waddle_grpc_server_seconds{method, code}``;
+    a stream's handler times its requests with ``observe``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.seconds = Histogram(
@@ -136,6 +137,10 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """Record one request handled outside a unary call (a stream's message)."""
+        self.seconds.labels(method=method, code=code).observe(seconds)
 
     async def intercept_service(
         self,
@@ -177,7 +182,8 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
 
 
 class ClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Times unary-unary calls into ``waddle_grpc_client_seconds{method, code}``."""
+    """Times unary-unary calls into ``waddle_grpc_client_seconds{method, code}``;
+    a stream's caller times its requests with ``observe``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.seconds = Histogram(
@@ -187,6 +193,10 @@ class ClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: i
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """Record one request made outside a unary call (a stream's message)."""
+        self.seconds.labels(method=method, code=code).observe(seconds)
 
     async def intercept_unary_unary(
         self,

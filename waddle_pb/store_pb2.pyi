@@ -286,6 +286,36 @@ class AppendBatchResponse(_message.Message):
 Global___AppendBatchResponse: _TypeAlias = AppendBatchResponse  # noqa: Y015
 
 @_typing.final
+class AppendStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A grpc.StatusCode value: 0 (OK) when ``batch`` holds the answer;
+    otherwise the whole request was refused, as AppendBatch would have
+    failed with that code and these details.
+    """
+    details: _builtins.str
+    @_builtins.property
+    def batch(self) -> Global___AppendBatchResponse: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        details: _builtins.str = ...,
+        batch: Global___AppendBatchResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "code", b"code", "details", b"details"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendStreamResponse: _TypeAlias = AppendStreamResponse  # noqa: Y015
+
+@_typing.final
 class ChannelSettings(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -39,6 +39,11 @@ class StoreServiceStub:
                 request_serializer=waddle__pb_dot_store__pb2.AppendBatchRequest.SerializeToString,
                 response_deserializer=waddle__pb_dot_store__pb2.AppendBatchResponse.FromString,
                 _registered_method=True)
+        self.AppendStream = channel.stream_stream(
+                '/waddle.store.v1.StoreService/AppendStream',
+                request_serializer=waddle__pb_dot_store__pb2.AppendBatchRequest.SerializeToString,
+                response_deserializer=waddle__pb_dot_store__pb2.AppendStreamResponse.FromString,
+                _registered_method=True)
         self.LoadChannel = channel.unary_unary(
                 '/waddle.store.v1.StoreService/LoadChannel',
                 request_serializer=waddle__pb_dot_store__pb2.LoadChannelRequest.SerializeToString,
@@ -96,6 +101,17 @@ class StoreServiceServicer:
 
     def AppendBatch(self, request, context):
         """Group commit: one transaction for many channels' messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendStream(self, request_iterator, context):
+        """The same group commits over one long-lived stream, as the channel owner
+        sends them: each request gets exactly one response, in order. A refused
+        request is answered in-band (code, details) and the stream goes on.
+        The store ends the stream (OK) when it shuts down, after answering the
+        request it is working on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +194,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     request_deserializer=waddle__pb_dot_store__pb2.AppendBatchRequest.FromString,
                     response_serializer=waddle__pb_dot_store__pb2.AppendBatchResponse.SerializeToString,
             ),
+            'AppendStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AppendStream,
+                    request_deserializer=waddle__pb_dot_store__pb2.AppendBatchRequest.FromString,
+                    response_serializer=waddle__pb_dot_store__pb2.AppendStreamResponse.SerializeToString,
+            ),
             'LoadChannel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadChannel,
                     request_deserializer=waddle__pb_dot_store__pb2.LoadChannelRequest.FromString,
@@ -256,6 +277,33 @@ class StoreService:
             '/waddle.store.v1.StoreService/AppendBatch',
             waddle__pb_dot_store__pb2.AppendBatchRequest.SerializeToString,
             waddle__pb_dot_store__pb2.AppendBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/waddle.store.v1.StoreService/AppendStream',
+            waddle__pb_dot_store__pb2.AppendBatchRequest.SerializeToString,
+            waddle__pb_dot_store__pb2.AppendStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

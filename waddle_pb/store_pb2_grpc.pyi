@@ -35,6 +35,13 @@ class StoreServiceStub:
     def __new__(cls, channel: _aio.Channel) -> StoreServiceAsyncStub: ...
     AppendBatch: _grpc.UnaryUnaryMultiCallable[_store_pb2.AppendBatchRequest, _store_pb2.AppendBatchResponse]
     """Group commit: one transaction for many channels' messages."""
+    AppendStream: _grpc.StreamStreamMultiCallable[_store_pb2.AppendBatchRequest, _store_pb2.AppendStreamResponse]
+    """The same group commits over one long-lived stream, as the channel owner
+    sends them: each request gets exactly one response, in order. A refused
+    request is answered in-band (code, details) and the stream goes on.
+    The store ends the stream (OK) when it shuts down, after answering the
+    request it is working on.
+    """
     LoadChannel: _grpc.UnaryUnaryMultiCallable[_store_pb2.LoadChannelRequest, _store_pb2.ChannelState]
     """Reads (never writes) a channel's sequence head, settings and most
     recent messages (oldest first); an unknown channel has head 0.
@@ -63,6 +70,13 @@ class StoreServiceAsyncStub(StoreServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AppendBatch: _aio.UnaryUnaryMultiCallable[_store_pb2.AppendBatchRequest, _store_pb2.AppendBatchResponse]  # type: ignore[assignment]
     """Group commit: one transaction for many channels' messages."""
+    AppendStream: _aio.StreamStreamMultiCallable[_store_pb2.AppendBatchRequest, _store_pb2.AppendStreamResponse]  # type: ignore[assignment]
+    """The same group commits over one long-lived stream, as the channel owner
+    sends them: each request gets exactly one response, in order. A refused
+    request is answered in-band (code, details) and the stream goes on.
+    The store ends the stream (OK) when it shuts down, after answering the
+    request it is working on.
+    """
     LoadChannel: _aio.UnaryUnaryMultiCallable[_store_pb2.LoadChannelRequest, _store_pb2.ChannelState]  # type: ignore[assignment]
     """Reads (never writes) a channel's sequence head, settings and most
     recent messages (oldest first); an unknown channel has head 0.
@@ -94,6 +108,19 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.AppendBatchResponse, _abc.Awaitable[_store_pb2.AppendBatchResponse]]:
         """Group commit: one transaction for many channels' messages."""
+
+    @_abc_1.abstractmethod
+    def AppendStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_store_pb2.AppendBatchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_store_pb2.AppendStreamResponse], _abc.AsyncIterator[_store_pb2.AppendStreamResponse]]:
+        """The same group commits over one long-lived stream, as the channel owner
+        sends them: each request gets exactly one response, in order. A refused
+        request is answered in-band (code, details) and the stream goes on.
+        The store ends the stream (OK) when it shuts down, after answering the
+        request it is working on.
+        """
 
     @_abc_1.abstractmethod
     def LoadChannel(
