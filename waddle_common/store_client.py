@@ -147,7 +147,8 @@ class StoreClient:
         the deadline, or the stream broke before the answer), and
         ``grpc.aio.AioRpcError`` when the store refused the request as such
         (``INVALID_ARGUMENT``). A refusal leaves the stream open; any other
-        failure drops it and the next call opens a new one.
+        failure drops it and the next call opens a new one. After a store
+        without the stream, unary calls are kept until this client closes.
         """
         if self._append_unary:
             result: store_pb2.AppendBatchResponse = await self._call(self._stub.AppendBatch, req)
@@ -193,8 +194,8 @@ class StoreClient:
             if fresh:
                 call = self._append_call = self._stub.AppendStream()
             try:
-                await call.write(req)
                 async with asyncio.timeout(self.timeout):
+                    await call.write(req)
                     answer = await call.read()
             except grpc.aio.AioRpcError as exc:
                 self._drop_append_stream()
