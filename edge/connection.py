@@ -14,7 +14,7 @@ replaying, sequenced frames are held back and released in order afterwards.
 
 Writes are corked: a socket collects its frames and gets them in one write
 when the cork is flushed, right after the current loop turn - or, while the
-edge keeps writing, no sooner than ``write_interval`` (20 ms by default)
+edge keeps writing, no sooner than ``write_interval`` (5 ms by default)
 after the last flush ended, so a loaded edge makes one system call per
 socket per interval, carrying every frame of it, instead of one per frame
 per socket. Only what a socket leaves unsent counts against its
@@ -89,15 +89,17 @@ class Cork:
     nothing; a steady stream of writes is flushed every ``interval``, so
     each socket gets every frame of that interval in one write. The system
     call per socket per write is most of the edge's cost per delivery: once
-    a big channel's messages come faster than the interval plus a flush
-    (about 40 a second for a thousand sockets on two cores) this divides it
-    by the frames each write now carries, for at most ``interval`` more
-    latency.
+    a big channel's messages come faster than the interval plus a flush,
+    this divides it by the frames each write now carries, for at most
+    ``interval`` more latency. Any flush starts the interval, even one
+    socket's (an ack), so a delivery right after such a flush waits for
+    it: with 20 ms a thousand-member channel at 10 msg/s had twice the
+    all-members p99 it has with 5 ms (docs/performance.md).
     A flush that itself takes longer than ``interval`` (thousands of
     sockets) delays the next by no more than the interval's rest.
     """
 
-    def __init__(self, schedule: Scheduler = loop_scheduler, interval: float = 0.02) -> None:
+    def __init__(self, schedule: Scheduler = loop_scheduler, interval: float = 0.005) -> None:
         self._schedule = schedule
         self.interval = interval
         self.dirty: list[Connection] = []
@@ -237,7 +239,7 @@ class LocalChannels:
         metrics: EdgeMetrics,
         limits: Limits,
         schedule: Scheduler = loop_scheduler,
-        write_interval: float = 0.02,
+        write_interval: float = 0.005,
     ) -> None:
         self.metrics = metrics
         self.limits = limits
