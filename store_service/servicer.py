@@ -178,19 +178,22 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> None:
         closing = asyncio.ensure_future(self._closing.wait())
+        read: asyncio.Future[Any] | None = None
         try:
             while True:
                 read = asyncio.ensure_future(context.read())
                 done, _ = await asyncio.wait((read, closing), return_when=asyncio.FIRST_COMPLETED)
                 if read not in done:
-                    read.cancel()
                     return  # shutting down: the stream ends with OK between requests
                 request = read.result()
                 if request is grpc.aio.EOF:
                     return
                 await context.write(await self._answer(request))
         finally:
+            # Cancelled (the caller went away) or closing: leave no read behind.
             closing.cancel()
+            if read is not None and not read.cancel() and not read.cancelled():
+                read.exception()  # retrieved: a dead stream's error is not "never retrieved"
 
     async def _answer(
         self, request: store_pb2.AppendBatchRequest
