@@ -166,8 +166,12 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
     async def AppendBatch(
         self, request: store_pb2.AppendBatchRequest, context: grpc.aio.ServicerContext
     ) -> store_pb2.AppendBatchResponse:
+        return await _guard(context, self._append(request))
+
+    async def _append(self, request: store_pb2.AppendBatchRequest) -> store_pb2.AppendBatchResponse:
+        """One request through the committer (both RPCs); a ``StoreError`` is the caller's."""
         groups = [_channel_append(g) for g in request.channels]
-        results = await _guard(context, self._committer.append(groups))
+        results = await self._committer.append(groups)
         return store_pb2.AppendBatchResponse(channels=[_append_result(r) for r in results])
 
     # grpc.aio also takes a coroutine that reads and writes through the
@@ -201,15 +205,10 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         started = perf_counter()
         code = grpc.StatusCode.OK
         try:
-            groups = [_channel_append(g) for g in request.channels]
-            results = await self._committer.append(groups)
+            answer = store_pb2.AppendStreamResponse(batch=await self._append(request))
         except repo.StoreError as exc:
             code = _status(exc)
             answer = store_pb2.AppendStreamResponse(code=code.value[0], details=str(exc))
-        else:
-            answer = store_pb2.AppendStreamResponse(
-                batch=store_pb2.AppendBatchResponse(channels=[_append_result(r) for r in results])
-            )
         if self._observe is not None:
             self._observe(APPEND_STREAM, code.name, perf_counter() - started)
         return answer

@@ -111,13 +111,19 @@ def shard_channel_options() -> GrpcOptions:
     return [(key, faster.get(key, value)) for key, value in channel_options()]
 
 
+def status_code(value: int) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` of a numeric status (UNKNOWN for one gRPC lacks)."""
+    for status in grpc.StatusCode:
+        if status.value[0] == value:
+            return status
+    return grpc.StatusCode.UNKNOWN
+
+
 def _code_name(code: Any) -> str:
     if isinstance(code, grpc.StatusCode):
         return str(code.name)
     if isinstance(code, int):
-        for status in grpc.StatusCode:
-            if status.value[0] == code:
-                return str(status.name)
+        return str(status_code(code).name)
     return "UNKNOWN"
 
 

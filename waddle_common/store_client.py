@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from waddle_common import wire
 from waddle_common.grpc_tls import GrpcTls, open_channel
-from waddle_common.grpc_util import ClientMetricsInterceptor, channel_options
+from waddle_common.grpc_util import ClientMetricsInterceptor, channel_options, status_code
 from waddle_common.settings import Settings
 from waddle_pb import store_pb2, store_pb2_grpc
 
@@ -51,13 +51,6 @@ APPEND_STREAM = "/waddle.store.v1.StoreService/AppendStream"
 CURSOR_BATCH = 10_000
 """Most cursors in one ``SetReadCursors`` call (the store's limit); larger
 batches are sent as several calls."""
-
-
-def _status_code(value: int) -> grpc.StatusCode:
-    for status in grpc.StatusCode:
-        if status.value[0] == value:
-            return status
-    return grpc.StatusCode.UNKNOWN
 
 
 class StoreUnavailable(Exception):
@@ -161,7 +154,7 @@ class StoreClient:
                 if answer is None:  # the store has no AppendStream
                     code = "UNIMPLEMENTED"
                     return await self.append_batch(req)
-                status = _status_code(answer.code)
+                status = status_code(answer.code)
                 code = status.name
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name

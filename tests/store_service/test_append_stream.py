@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -187,6 +188,23 @@ async def test_a_refusal_raises_as_the_unary_call_did_and_keeps_the_stream(
     assert called(registry, STREAM, "OK") == 1
 
 
+def append_stream_handler(behavior: Any) -> grpc.RpcMethodHandler:
+    return grpc.stream_stream_rpc_method_handler(
+        behavior,
+        request_deserializer=store_pb2.AppendBatchRequest.FromString,
+        response_serializer=store_pb2.AppendStreamResponse.SerializeToString,
+    )
+
+
+def numbered(req: store_pb2.AppendBatchRequest) -> store_pb2.AppendBatchResponse:
+    """The answer of a store that takes the one group at the head it names."""
+    [group] = req.channels
+    head = group.expected_last_seq + len(group.messages)
+    return store_pb2.AppendBatchResponse(
+        channels=[store_pb2.ChannelAppendResult(channel_id=group.channel_id, last_seq=head)]
+    )
+
+
 class Silent:
     """Reads append requests and never answers them."""
 
@@ -205,13 +223,7 @@ class Silent:
             self.ended.set()
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        return {
-            "AppendStream": grpc.stream_stream_rpc_method_handler(
-                self.append_stream,
-                request_deserializer=store_pb2.AppendBatchRequest.FromString,
-                response_serializer=store_pb2.AppendStreamResponse.SerializeToString,
-            )
-        }
+        return {"AppendStream": append_stream_handler(self.append_stream)}
 
 
 class Dropping:
@@ -232,24 +244,10 @@ class Dropping:
             if budget == 0:
                 return
             budget -= 1
-            [group] = req.channels
-            head = group.expected_last_seq + len(group.messages)
-            yield store_pb2.AppendStreamResponse(
-                batch=store_pb2.AppendBatchResponse(
-                    channels=[
-                        store_pb2.ChannelAppendResult(channel_id=group.channel_id, last_seq=head)
-                    ]
-                )
-            )
+            yield store_pb2.AppendStreamResponse(batch=numbered(req))
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        return {
-            "AppendStream": grpc.stream_stream_rpc_method_handler(
-                self.append_stream,
-                request_deserializer=store_pb2.AppendBatchRequest.FromString,
-                response_serializer=store_pb2.AppendStreamResponse.SerializeToString,
-            )
-        }
+        return {"AppendStream": append_stream_handler(self.append_stream)}
 
 
 class UnaryOnly:
@@ -262,11 +260,7 @@ class UnaryOnly:
         self, request: store_pb2.AppendBatchRequest, context: grpc.aio.ServicerContext
     ) -> store_pb2.AppendBatchResponse:
         self.calls += 1
-        [group] = request.channels
-        head = group.expected_last_seq + len(group.messages)
-        return store_pb2.AppendBatchResponse(
-            channels=[store_pb2.ChannelAppendResult(channel_id=group.channel_id, last_seq=head)]
-        )
+        return numbered(request)
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         return {
@@ -278,20 +272,26 @@ class UnaryOnly:
         }
 
 
-async def serving(handlers: dict[str, grpc.RpcMethodHandler]) -> tuple[grpc.aio.Server, int]:
-    """A gRPC server on 127.0.0.1:0 with only these StoreService methods."""
+@asynccontextmanager
+async def client_of(
+    handlers: dict[str, grpc.RpcMethodHandler], timeout: float = TIMEOUT
+) -> AsyncIterator[StoreClient]:
+    """A store client of a gRPC server on 127.0.0.1:0 with only these StoreService methods."""
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, port
+    client = StoreClient(f"127.0.0.1:{port}", timeout=timeout)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await server.stop(None)
 
 
 async def test_a_store_that_does_not_answer_is_unavailable_and_the_stream_is_dropped() -> None:
     servicer = Silent()
-    server, port = await serving(servicer.handlers())
-    client = StoreClient(f"127.0.0.1:{port}", timeout=0.5)
-    try:
+    async with client_of(servicer.handlers(), timeout=0.5) as client:
         for _ in range(2):
             with pytest.raises(StoreUnavailable, match="DEADLINE_EXCEEDED"):
                 await client.append_batch(request("c", 0, pb_msg()))
@@ -299,30 +299,20 @@ async def test_a_store_that_does_not_answer_is_unavailable_and_the_stream_is_dro
         # An answer that came late must never be read as the next one's:
         # each round after a deadline gets a stream of its own.
         assert servicer.opened == 2
-    finally:
-        await client.close()
-        await server.stop(None)
 
 
 async def test_a_store_without_the_stream_gets_unary_calls() -> None:
     servicer = UnaryOnly()
-    server, port = await serving(servicer.handlers())
-    client = StoreClient(f"127.0.0.1:{port}", timeout=TIMEOUT)
-    try:
+    async with client_of(servicer.handlers()) as client:
         for expected in (0, 1):
             [r] = (await client.append_batch(request("c", expected, pb_msg()))).channels
             assert r.last_seq == expected + 1
         assert servicer.calls == 2
-    finally:
-        await client.close()
-        await server.stop(None)
 
 
 async def test_a_stream_that_ended_between_rounds_is_replaced_once() -> None:
     servicer = Dropping(1, 1, 0)
-    server, port = await serving(servicer.handlers())
-    client = StoreClient(f"127.0.0.1:{port}", timeout=TIMEOUT)
-    try:
+    async with client_of(servicer.handlers()) as client:
         [first] = (await client.append_batch(request("c", 0, pb_msg()))).channels
         # The first stream ends instead of answering this one; it is sent
         # again on a second stream, which answers.
@@ -333,6 +323,3 @@ async def test_a_stream_that_ended_between_rounds_is_replaced_once() -> None:
         with pytest.raises(StoreUnavailable, match="ended"):
             await client.append_batch(request("c", 2, pb_msg()))
         assert servicer.opened == 3
-    finally:
-        await client.close()
-        await server.stop(None)
