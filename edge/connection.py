@@ -14,11 +14,12 @@ replaying, sequenced frames are held back and released in order afterwards.
 
 Writes are corked: a socket collects its frames and gets them in one write
 when the cork is flushed, right after the current loop turn - or, while the
-edge keeps writing, no sooner than ``write_interval`` (5 ms by default)
-after the last flush ended, so a loaded edge makes one system call per
-socket per interval, carrying every frame of it, instead of one per frame
-per socket. Only what a socket leaves unsent counts against its
-bounded outgoing buffer (``send_buffer_bytes``): over it an ephemeral frame
+edge keeps writing to big channels, no sooner than ``write_interval`` (20 ms
+by default) after the last flush ended, so a loaded edge makes one system
+call per socket per interval, carrying every frame of it, instead of one per
+frame per socket. A smaller flush holds the next back by its share of
+``FULL_FLUSH_SOCKETS`` (``Cork``). Only what a socket leaves unsent counts
+against its bounded outgoing buffer (``send_buffer_bytes``): over it an ephemeral frame
 (typing, presence) is dropped and a chat message closes the socket with
 1013, so one slow phone never delays the others.
 
@@ -80,41 +81,53 @@ def loop_scheduler(delay: float, callback: Callable[[], None]) -> object:
     return loop.call_soon(callback) if delay <= 0 else loop.call_later(delay, callback)
 
 
+FULL_FLUSH_SOCKETS = 256
+"""Sockets a flush writes to for the whole write interval to follow it."""
+
+
 class Cork:
     """Shared by an edge's connections: collects writes until the next flush.
 
-    A flush runs right after the current loop turn, but no sooner than
-    ``interval`` seconds after the previous flush ended. Sparse traffic
-    (a write more than ``interval`` after the last flush) waits for
-    nothing; a steady stream of writes is flushed every ``interval``, so
+    A flush runs right after the current loop turn, but no sooner than the
+    hold of the previous flush: ``interval`` seconds after it ended when it
+    wrote to ``full_at`` sockets or more, and that share of the interval
+    when it wrote to fewer. Sparse traffic waits for nothing; a big
+    channel's steady stream of deliveries is flushed every ``interval``, so
     each socket gets every frame of that interval in one write. The system
     call per socket per write is most of the edge's cost per delivery: once
     a big channel's messages come faster than the interval plus a flush,
     this divides it by the frames each write now carries, for at most
-    ``interval`` more latency. Any flush starts the interval, even one
-    socket's (an ack), so a delivery right after such a flush waits for
-    it: with 20 ms a thousand-member channel at 10 msg/s had twice the
-    all-members p99 it has with 5 ms (docs/performance.md).
-    A flush that itself takes longer than ``interval`` (thousands of
-    sockets) delays the next by no more than the interval's rest.
+    ``interval`` more latency. A small flush (one socket's ack, a small
+    channel's message) holds back almost nothing, so a big channel's
+    delivery right after it is not made to wait a whole interval for it:
+    with an unscaled 20 ms hold, a thousand-member channel at 10 msg/s had
+    twice the all-members p99 (docs/performance.md).
+    A flush that itself takes longer than its hold (thousands of sockets)
+    delays the next by no more than the hold's rest.
     """
 
-    def __init__(self, schedule: Scheduler = loop_scheduler, interval: float = 0.005) -> None:
+    def __init__(
+        self,
+        schedule: Scheduler = loop_scheduler,
+        interval: float = 0.02,
+        full_at: int = FULL_FLUSH_SOCKETS,
+    ) -> None:
         self._schedule = schedule
         self.interval = interval
+        self.full_at = full_at
         self.dirty: list[Connection] = []
         self.scheduled = False
         # Channels with joins and leaves waiting (``LocalChannels``), and how
         # to send them: a frame for one connection must not overtake them.
         self.presence_waiting: Mapping[str, object] = {}
         self.flush_presence: Callable[[str], None] = lambda channel_id: None
-        self.last_end = -1e9
+        self.next_at = -1e9  # perf_counter() before which no flush runs
 
     def add(self, conn: Connection) -> None:
         self.dirty.append(conn)
         if not self.scheduled:
             self.scheduled = True
-            wait = self.last_end + self.interval - time.perf_counter()
+            wait = self.next_at - time.perf_counter()
             self._schedule(wait if wait > 0 else 0.0, self.flush)
 
     def flush(self) -> None:
@@ -122,7 +135,8 @@ class Cork:
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
             conn.flush()
-        self.last_end = time.perf_counter()
+        hold = self.interval * min(1.0, len(dirty) / self.full_at)
+        self.next_at = time.perf_counter() + hold
 
 
 @dataclass(eq=False, slots=True)
@@ -239,7 +253,7 @@ class LocalChannels:
         metrics: EdgeMetrics,
         limits: Limits,
         schedule: Scheduler = loop_scheduler,
-        write_interval: float = 0.005,
+        write_interval: float = 0.02,
     ) -> None:
         self.metrics = metrics
         self.limits = limits

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     join_timeout_seconds: float = Field(5.0, gt=0)
     send_buffer_bytes: int = Field(1 << 20, ge=4096)
     # While writes keep coming, a socket's frames go out at most this often (ms).
-    edge_write_interval_ms: float = Field(5.0, ge=0, le=100)
+    edge_write_interval_ms: float = Field(20.0, ge=0, le=100)
     send_stall_seconds: float = Field(10.0, gt=0)
     replay_rate: float = Field(1000.0, gt=0)
     replay_burst: float = Field(5000.0, ge=1)

@@ -11,7 +11,14 @@ import orjson
 import pytest
 
 from edge.auth import Identity
-from edge.connection import PRESENCE_WINDOW, Connection, Limits, LocalChannels, State
+from edge.connection import (
+    FULL_FLUSH_SOCKETS,
+    PRESENCE_WINDOW,
+    Connection,
+    Limits,
+    LocalChannels,
+    State,
+)
 from edge.metrics import EdgeMetrics
 from edge.wsframe import text_frame
 from waddle_pb import channel_pb2
@@ -174,9 +181,9 @@ def test_a_busy_edge_flushes_at_most_once_an_interval() -> None:
     local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=100), timers, write_interval=60.0)
     _, t = live_conn(local, 1, "a")
     cork = local.cork
-    # Sparse traffic: the last flush ended more than an interval ago:
-    # flush right after this turn.
-    cork.last_end = time.perf_counter() - 61
+    cork.full_at = 1  # one socket makes a full flush here
+    # Sparse traffic: the last flush's hold is over: flush right after this turn.
+    cork.next_at = time.perf_counter() - 1
     local.deliver(deliver(1))
     assert [d for d, _ in timers.pending] == [0.0]
     timers.run()
@@ -190,6 +197,35 @@ def test_a_busy_edge_flushes_at_most_once_an_interval() -> None:
     assert len(t.chunks) == 1
     timers.run()
     assert t.chunks[-1] == text_frame(b'{"seq":2}') + text_frame(b'{"seq":3}')
+
+
+def test_a_flush_holds_the_next_by_its_share_of_the_sockets() -> None:
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=100), timers, write_interval=60.0)
+    cork = local.cork
+    members = [live_conn(local, i, f"u{i}") for i in range(FULL_FLUSH_SOCKETS)]
+    first, _ = members[0]
+    # One socket's ack holds the next flush back by 1/256 of the interval,
+    # so the channel's next message does not wait the whole interval for it.
+    first.send(b'{"type":"ack"}', local.metrics, local.limits, "ack")
+    timers.run()
+    local.deliver(deliver(1))
+    [(wait, _)] = timers.pending
+    assert 0.0 < wait <= 60.0 / FULL_FLUSH_SOCKETS
+    # A flush to a quarter of the full count holds a quarter of it.
+    cork.full_at = 4 * FULL_FLUSH_SOCKETS
+    timers.run()
+    local.deliver(deliver(2))
+    [(wait, _)] = timers.pending
+    assert 60.0 / 4 - 10 < wait <= 60.0 / 4
+    # A flush to the full count holds the whole interval.
+    cork.full_at = FULL_FLUSH_SOCKETS
+    timers.run()
+    local.deliver(deliver(3))
+    [(wait, _)] = timers.pending
+    assert 50.0 < wait <= 60.0
+    timers.run()
+    assert all(len(t.chunks) == 4 if c is first else len(t.chunks) == 3 for c, t in members)
 
 
 def test_without_an_interval_every_turn_flushes_at_once() -> None:
