@@ -32,7 +32,10 @@ join. The frames are the same frames, in the same order: anything else for
 a member (a message, typing, a reply, a frame from the edge itself) sends
 the batch first, and a member that goes live while a batch waits gets only
 what came after its ``initial_state``, so every socket gets what it would
-have got unbatched.
+have got unbatched. "After" counts from the owner's answer to the join
+(``LocalChannels.answered``), not from the socket going live: joins and
+leaves that arrive in between wait for the socket and follow its
+``initial_state``.
 """
 
 from __future__ import annotations
@@ -162,6 +165,11 @@ class Connection:
     cork: Cork | None = None
     pending: list[bytes] | None = None
     multiplexed: bool = False  # a v1.1 subscription: joins and leaves come as presence_diff
+    # The owner's JoinResult arrived (``LocalChannels.answered``): joins and
+    # leaves from then on are after its initial_state, and those that come
+    # before it goes live wait in ``presence_held``.
+    answered: bool = False
+    presence_held: list[bytes] | None = None
 
     def write(self, frame: bytes, metrics: EdgeMetrics, limits: Limits, *, ephemeral: bool) -> bool:
         """Write one pre-built frame; apply the slow-consumer policy."""
@@ -392,7 +400,10 @@ class LocalChannels:
         dropped: list[str] = []
         metrics, limits = self.metrics, self.limits
         for conn in members.values():
-            if conn.multiplexed or not (conn.state is State.LIVE or conn.state is State.SYNCING):
+            if conn.multiplexed:
+                continue
+            waiting = conn.state is State.JOINING and conn.answered
+            if not (waiting or conn.state is State.LIVE or conn.state is State.SYNCING):
                 continue
             user_id = conn.identity.user_id
             start = late.get(conn.id, 0) if late else 0
@@ -403,7 +414,9 @@ class LocalChannels:
                     continue
             else:
                 chunk, types = shared, batch.types
-            if conn.write(chunk, metrics, limits, ephemeral=batch.ephemeral):
+            if waiting:
+                self._keep_presence(conn, chunk)
+            elif conn.write(chunk, metrics, limits, ephemeral=batch.ephemeral):
                 if chunk is shared:
                     shared_written += 1
                 else:
@@ -425,7 +438,10 @@ class LocalChannels:
         frames: dict[int, bytes] = {}
         written = 0
         for conn in members.values():
-            if not conn.multiplexed or conn.state not in (State.LIVE, State.SYNCING):
+            if not conn.multiplexed:
+                continue
+            waiting = conn.state is State.JOINING and conn.answered
+            if not (waiting or conn.state is State.LIVE or conn.state is State.SYNCING):
                 continue
             payload = frame_for(conn.identity.user_id)
             if payload is None:
@@ -433,7 +449,9 @@ class LocalChannels:
             frame = frames.get(id(payload))
             if frame is None:
                 frame = frames[id(payload)] = text_frame(payload)
-            if conn.write(frame, self.metrics, self.limits, ephemeral=True):
+            if waiting:
+                self._keep_presence(conn, frame)
+            elif conn.write(frame, self.metrics, self.limits, ephemeral=True):
                 written += 1
         if written:
             self.metrics.frames_out_for("presence_diff").inc(written)
@@ -466,15 +484,38 @@ class LocalChannels:
         conn.held = rest or None
         return not rest
 
+    def answered(self, conn_id: int) -> None:
+        """The owner's JoinResult for ``conn_id`` arrived, ahead of anything
+        the owner sent after it: its ``initial_state`` covers the joins and
+        leaves before this point, and those after are for the connection,
+        even if they come before it goes live (``activate``)."""
+        conn = self.by_id.get(conn_id)
+        if conn is None or conn.state is not State.JOINING or conn.answered:
+            return
+        conn.answered = True
+        batch = self._batches.get(conn.channel_id)
+        if batch is not None and not conn.multiplexed:
+            batch.late[conn.id] = len(batch.frames)
+
+    def _keep_presence(self, conn: Connection, frame: bytes) -> None:
+        """A join or leave after ``conn``'s initial_state, for when it goes live."""
+        if conn.presence_held is None:
+            conn.presence_held = []
+        if len(conn.presence_held) < self.limits.max_held:
+            conn.presence_held.append(frame)
+
     def activate(self, conn: Connection) -> None:
         """The socket is open and `initial_state` went out: go live."""
         if conn.state is State.CLOSED:
             return
         batch = self._batches.get(conn.channel_id)
-        if batch is not None:
+        if batch is not None and not conn.answered:
             # Joins and leaves from before its initial_state are not for it.
             batch.late[conn.id] = len(batch.frames)
         conn.state = State.LIVE
+        kept, conn.presence_held = conn.presence_held, None
+        for frame in kept or ():
+            conn.write(frame, self.metrics, self.limits, ephemeral=True)
         if not self.release_held(conn):
             conn.state = State.SYNCING
             self.on_gap(conn)

@@ -353,6 +353,7 @@ class ShardLink:
                 future = self.joins.pop(result.conn_id, None)
                 if future is not None:
                     if not future.done():
+                        local.answered(result.conn_id)
                         future.set_result(result)
                 else:
                     conn = self.members.get(result.conn_id)

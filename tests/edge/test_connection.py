@@ -320,6 +320,55 @@ def test_a_member_going_live_gets_no_join_from_before_its_initial_state() -> Non
     assert tb.chunks == [text_frame(b'{"type":"initial_state"}') + pframe("y") + pframe("z")]
 
 
+def test_a_leave_after_the_join_result_reaches_a_member_not_live_yet() -> None:
+    """The owner answered the join (its initial_state lists x and y), then
+    x and y left while the edge was still opening the socket: the joiner
+    is told, after its initial_state, though it went live later."""
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=10_000), timers)
+    _, ta = live_conn(local, 1, "a")
+    local.deliver(presence("w"))  # before the answer: in the initial_state
+    joiner = Connection(id=2, channel_id="c", identity=ident("b"), joined_at_ms=0)
+    local.add(joiner)
+    local.answered(joiner.id)
+    local.deliver(presence("x", "user_disconnected"))
+    timers.run(PRESENCE_WINDOW)  # this batch goes out while the joiner is not live
+    timers.run(0.0)
+    local.deliver(presence("y", "user_disconnected"))  # a batch still waiting at activation
+    joiner.transport = tb = MemoryTransport()
+    joiner.send(b'{"type":"initial_state"}', local.metrics, local.limits, "initial_state")
+    local.activate(joiner)
+    while timers.pending:
+        timers.run()
+    left = [pframe("x", "user_disconnected"), pframe("y", "user_disconnected")]
+    assert b"".join(tb.chunks) == text_frame(b'{"type":"initial_state"}') + b"".join(left)
+    assert b"".join(ta.chunks) == pframe("w") + b"".join(left)
+
+
+async def test_a_multiplexed_joiner_gets_the_diff_that_came_before_it_went_live() -> None:
+    timers = Timers()
+    local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=10_000), timers)
+    joiner = Connection(id=1, channel_id="c", identity=ident("m"), joined_at_ms=0)
+    joiner.multiplexed = True
+    local.add(joiner)
+    local.answered(joiner.id)
+    local.deliver(presence("x", "user_disconnected"))
+    local.presence.flush("c")  # the diff's window ends before the joiner is live
+    joiner.transport = tm = MemoryTransport()
+    joiner.send(b'{"type":"initial_state"}', local.metrics, local.limits, "initial_state")
+    local.activate(joiner)
+    timers.run()
+    written = b"".join(tm.chunks)
+    first = text_frame(b'{"type":"initial_state"}')
+    assert written.startswith(first)
+    assert orjson.loads(written[len(first) + 2 :]) == {
+        "type": "presence_diff",
+        "channelId": "c",
+        "joins": [],
+        "leaves": [{"userId": "x", "username": ""}],
+    }
+
+
 async def test_multiplexed_members_get_a_diff_not_the_batch() -> None:
     timers = Timers()
     local = LocalChannels(EdgeMetrics(), Limits(send_buffer_bytes=10_000), timers)

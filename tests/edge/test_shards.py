@@ -260,3 +260,30 @@ async def test_membership_changes_move_about_one_channel_in_n(
     r.set_shards([])
     assert r.shards == tuple(sorted(bigger[1:]))
     await r.close()
+
+
+async def test_a_join_result_marks_its_connection_answered_before_what_follows() -> None:
+    """A JoinResult marks its connection answered as it is dispatched, before
+    any later event of the stream is handed out, so joins and leaves after
+    it are kept for the connection (``LocalChannels.answered``)."""
+    local = LocalChannels(EdgeMetrics(), Limits())
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")
+    try:
+        link = ShardLink("127.0.0.1:1", "e", channel, local, EdgeMetrics(), publish_timeout=1)
+        conn = Connection(
+            id=7,
+            channel_id="c",
+            identity=Identity("b", "b", frozenset({"read"}), "", None, 0.0),
+            joined_at_ms=0,
+        )
+        local.add(conn)
+        future: asyncio.Future[channel_pb2.JoinResult] = asyncio.get_running_loop().create_future()
+        link.joins[conn.id] = future
+        link._dispatch(
+            channel_pb2.ShardBatch(
+                events=[channel_pb2.ShardEvent(join_result=channel_pb2.JoinResult(conn_id=7))]
+            )
+        )
+        assert future.done() and conn.answered and conn.state is State.JOINING
+    finally:
+        await channel.close()
